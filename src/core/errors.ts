@@ -1,0 +1,63 @@
+// Every error a user can see is defined here, once: a stable code, an HTTP status and a
+// default message. Services throw `HfError`s; one API error handler maps them to responses.
+
+export const ERROR_CODES = {
+  HF_ERR_VALIDATION: 400,
+  HF_ERR_BAD_JSON: 400,
+  HF_ERR_INVALID_NAME: 400,
+  HF_ERR_INVALID_SIZE: 400,
+  HF_ERR_UNAUTHORIZED: 401,
+  HF_ERR_FORBIDDEN: 403,
+  HF_ERR_NOT_FOUND: 404,
+  HF_ERR_INSTANCE_NOT_FOUND: 404,
+  HF_ERR_IMAGE_NOT_FOUND: 404,
+  HF_ERR_OPERATION_NOT_FOUND: 404,
+  HF_ERR_ALREADY_EXISTS: 409,
+  HF_ERR_INSTANCE_RUNNING: 409,
+  HF_ERR_INSTANCE_NOT_RUNNING: 409,
+  HF_ERR_INVALID_STATE: 409,
+  HF_ERR_BUSY: 409,
+  HF_ERR_CONFLICT: 409,
+  HF_ERR_INSUFFICIENT_RESOURCES: 422,
+  HF_ERR_ACCEL_UNAVAILABLE: 422,
+  HF_ERR_UNSUPPORTED: 422,
+  HF_ERR_MISSING_DEPENDENCY: 500,
+  HF_ERR_DATA_DIR: 500,
+  HF_ERR_HYPERVISOR: 500,
+  HF_ERR_QMP_DISCONNECTED: 500,
+  HF_ERR_QMP_TIMEOUT: 504,
+  HF_ERR_QMP_COMMAND: 500,
+  HF_ERR_TIMEOUT: 504,
+  HF_ERR_INTERNAL: 500,
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export class HfError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly details?: Record<string, unknown>;
+
+  constructor(code: ErrorCode, message: string, opts: { cause?: unknown; details?: Record<string, unknown> } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'HfError';
+    this.code = code;
+    this.status = ERROR_CODES[code];
+    if (opts.details) this.details = opts.details;
+  }
+
+  toJSON(): { code: ErrorCode; message: string; details?: Record<string, unknown> } {
+    return this.details ? { code: this.code, message: this.message, details: this.details } : { code: this.code, message: this.message };
+  }
+}
+
+export function isHfError(e: unknown, code?: ErrorCode): e is HfError {
+  return e instanceof HfError && (code === undefined || e.code === code);
+}
+
+/** Wraps anything thrown into an HfError, keeping the original as `cause`. */
+export function toHfError(e: unknown, fallback: ErrorCode = 'HF_ERR_INTERNAL'): HfError {
+  if (e instanceof HfError) return e;
+  const message = e instanceof Error ? e.message : String(e);
+  return new HfError(fallback, message, { cause: e });
+}

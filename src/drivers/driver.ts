@@ -1,0 +1,71 @@
+// The driver interface: the narrow seam between the platform and a virtualization backend.
+// QEMU (drivers/qemu) implements it for virtual machines; runc (drivers/container) for system
+// containers. Services never reach past it.
+import type { Instance, InstanceType, RuntimeInfo } from '../core/model/instance.js';
+
+/** Files a driver may use for one instance: all under the instance's own directory. */
+export interface InstancePaths {
+  /** The instance's directory (created by the service before start). */
+  dir: string;
+  /** Bounded log of the serial console / container console output. */
+  consoleLog: string;
+}
+
+/** How an instance process ended, as the driver saw it. */
+export interface ExitInfo {
+  /** true when the guest powered off or we stopped it; false on a crash or kill from outside. */
+  clean: boolean;
+  reason: string;
+  /** Exit status when the driver is the direct parent and knows it. */
+  exitCode?: number | null;
+  signal?: string | null;
+}
+
+export type ObservedState = 'running' | 'paused' | 'stopped';
+
+/** A bidirectional console stream (serial console of a VM, console of a container). */
+export interface ConsoleAttachment {
+  write(data: Buffer | string): void;
+  onData(cb: (data: Buffer) => void): void;
+  onClose(cb: () => void): void;
+  close(): void;
+}
+
+/** A live instance process the daemon supervises. */
+export interface InstanceHandle {
+  readonly runtime: RuntimeInfo;
+  /** Asks the hypervisor what state the guest is in (QMP query-status, runc state). */
+  observe(): Promise<ObservedState>;
+  /** Graceful stop: ACPI power-down / SIGTERM to init. Resolves when the request is sent. */
+  requestShutdown(): Promise<void>;
+  /** Forced stop. Resolves once the process is gone. */
+  kill(): Promise<void>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  /** Resolves once the process is gone (however it ended). */
+  readonly exited: Promise<ExitInfo>;
+  attachConsole(): Promise<ConsoleAttachment>;
+  /** Releases daemon-side resources (sockets, timers) without touching the guest. */
+  detach(): void;
+}
+
+export interface StartContext {
+  paths: InstancePaths;
+  /** Progress callback for long starts (percent 0-100, message). */
+  progress?: (percent: number, message: string) => void;
+}
+
+export interface InstanceDriver {
+  readonly type: InstanceType;
+  /** Checks that this host can run the instance (binary present, accelerator usable…). */
+  check(instance: Instance): Promise<void>;
+  /** Starts the instance and resolves once the hypervisor reports it running. */
+  start(instance: Instance, ctx: StartContext): Promise<InstanceHandle>;
+  /**
+   * Re-attaches to an instance started by an earlier daemon. Resolves to null when the process
+   * is gone (the caller then decides between stopped and crashed from `instance.runtime`).
+   */
+  attach(instance: Instance, ctx: StartContext): Promise<InstanceHandle | null>;
+  /** Removes runtime leftovers (sockets, pid files) after the instance stopped. */
+  cleanup(instance: Instance, paths: InstancePaths): Promise<void>;
+}
