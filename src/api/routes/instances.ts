@@ -1,0 +1,116 @@
+import { z } from 'zod';
+import { createInstanceSchema, nameSchema, updateInstanceSchema, INSTANCE_TYPES } from '../../core/model/instance.js';
+import type { RouteTable } from '../routes.js';
+import type { ApiServices } from '../services.js';
+
+const nameParams = z.object({ name: z.string() });
+const boolish = z.union([z.boolean(), z.enum(['true', 'false', '1', '0', ''])]).transform((v) => v === true || v === 'true' || v === '1' || v === '');
+const LIFECYCLE = ['start', 'stop', 'restart', 'pause', 'resume'] as const;
+
+export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
+  t.add<unknown, { type?: (typeof INSTANCE_TYPES)[number] }>({
+    method: 'GET',
+    url: '/api/v1/instances',
+    summary: 'List instances',
+    tag: 'instances',
+    query: z.object({ type: z.enum(INSTANCE_TYPES).optional() }).passthrough(),
+    responses: { 200: '{ instances: Instance[] }' },
+    handler: async ({ query }) => {
+      const all = await svc.instances.list();
+      return { instances: query.type ? all.filter((i) => i.type === query.type) : all };
+    },
+  });
+
+  t.add({
+    method: 'POST',
+    url: '/api/v1/instances',
+    summary: 'Create an instance (and start it when `start` is true: then 202 with the start operation)',
+    tag: 'instances',
+    body: createInstanceSchema,
+    responses: { 201: '{ instance }', 202: '{ instance, operation }' },
+    handler: async ({ raw }, reply) => {
+      // The service validates the raw body itself (same schema) so that it stays callable alone.
+      const { instance, operation } = await svc.instances.createOperation(raw.body);
+      if (operation) {
+        void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+        return { instance, operation };
+      }
+      void reply.status(201);
+      return { instance };
+    },
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'GET',
+    url: '/api/v1/instances/:name',
+    summary: 'Show an instance',
+    tag: 'instances',
+    params: nameParams,
+    responses: { 200: '{ instance }' },
+    handler: async ({ params }) => ({ instance: await svc.instances.get(params.name) }),
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'PATCH',
+    url: '/api/v1/instances/:name',
+    summary: 'Change an instance; changes that cannot apply now are kept as pending until the next start',
+    tag: 'instances',
+    params: nameParams,
+    body: updateInstanceSchema,
+    responses: { 200: '{ instance, applied: string[], pending: string[] }' },
+    handler: async ({ params, raw }) => svc.instances.update(params.name, raw.body),
+  });
+
+  t.add<unknown, { force: boolean }, { name: string }>({
+    method: 'DELETE',
+    url: '/api/v1/instances/:name',
+    summary: 'Delete an instance (refused while it runs unless force=true)',
+    tag: 'instances',
+    params: nameParams,
+    query: z.object({ force: boolish.default(false) }).passthrough(),
+    responses: { 202: '{ operation }' },
+    handler: async ({ params, query }, reply) => {
+      const operation = await svc.instances.delete(params.name, { force: query.force });
+      void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+      return { operation };
+    },
+  });
+
+  for (const action of LIFECYCLE) {
+    t.add<{ force: boolean; timeout?: number }, unknown, { name: string }>({
+      method: 'POST',
+      url: `/api/v1/instances/:name/${action}`,
+      summary:
+        action === 'stop'
+          ? 'Stop: graceful (ACPI power-down) up to `timeout` seconds, then forced; `force` kills at once'
+          : `${action[0]!.toUpperCase()}${action.slice(1)} an instance`,
+      tag: 'instances',
+      params: nameParams,
+      body: z.object({ force: z.boolean().default(false), timeout: z.number().int().min(0).max(3600).optional() }).strict(),
+      responses: { 202: '{ operation }' },
+      handler: async ({ params, body }, reply) => {
+        const operation = await svc.instances.action(params.name, action, {
+          force: body.force,
+          timeoutMs: body.timeout === undefined ? undefined : body.timeout * 1000,
+        });
+        void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+        return { operation };
+      },
+    });
+  }
+
+  t.add<unknown, { bytes: number }, { name: string }>({
+    method: 'GET',
+    url: '/api/v1/instances/:name/console/log',
+    summary: 'The tail of the bounded console log',
+    tag: 'instances',
+    params: z.object({ name: nameSchema }),
+    query: z.object({ bytes: z.coerce.number().int().min(1).max(1024 * 1024).default(256 * 1024) }).passthrough(),
+    responses: { 200: 'text/plain console output' },
+    handler: async ({ params, query }, reply) => {
+      const text = await svc.instances.consoleLog(params.name, query.bytes);
+      void reply.type('text/plain; charset=utf-8');
+      return text;
+    },
+  });
+}

@@ -1,0 +1,91 @@
+import { z } from 'zod';
+import type { RouteTable } from '../routes.js';
+import type { ApiServices } from '../services.js';
+
+export function registerSystemRoutes(t: RouteTable, svc: ApiServices): void {
+  t.add({
+    method: 'GET',
+    url: '/api/v1',
+    summary: 'API root',
+    tag: 'system',
+    responses: { 200: 'API information' },
+    handler: async () => ({ name: 'hyperfold', version: svc.version, api: 'v1' }),
+  });
+
+  t.add({
+    method: 'GET',
+    url: '/api/v1/host',
+    summary: 'This host: CPUs, memory, accelerator verdict, versions',
+    tag: 'host',
+    responses: { 200: '{ host }' },
+    handler: async () => ({ host: await svc.host() }),
+  });
+
+  t.add({
+    method: 'GET',
+    url: '/api/v1/operations',
+    summary: 'List operations',
+    tag: 'operations',
+    responses: { 200: '{ operations }' },
+    handler: async () => ({ operations: await svc.operations.list() }),
+  });
+
+  t.add<unknown, { wait?: number }, { id: string }>({
+    method: 'GET',
+    url: '/api/v1/operations/:id',
+    summary: 'Show an operation; with ?wait=SECONDS, wait up to that long for it to finish',
+    tag: 'operations',
+    params: z.object({ id: z.string().min(1) }),
+    query: z.object({ wait: z.coerce.number().min(0).max(3600).optional() }).passthrough(),
+    responses: { 200: '{ operation }' },
+    handler: async ({ params, query }) => ({
+      operation: query.wait ? await svc.operations.wait(params.id, query.wait * 1000) : await svc.operations.get(params.id),
+    }),
+  });
+
+  t.add({
+    method: 'GET',
+    url: '/api/v1/images',
+    summary: 'List images',
+    tag: 'images',
+    responses: { 200: '{ images }' },
+    handler: async () => ({ images: await svc.images.list() }),
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'GET',
+    url: '/api/v1/images/:name',
+    summary: 'Show an image',
+    tag: 'images',
+    params: z.object({ name: z.string() }),
+    responses: { 200: '{ image }' },
+    handler: async ({ params }) => ({ image: await svc.images.get(params.name) }),
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'POST',
+    url: '/api/v1/images/:name/build',
+    summary: 'Build (or rebuild) a built-in image, as an operation',
+    tag: 'images',
+    params: z.object({ name: z.string() }),
+    responses: { 202: '{ operation }' },
+    handler: async ({ params }, reply) => {
+      const operation = await svc.images.build(params.name);
+      void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+      return { operation };
+    },
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'DELETE',
+    url: '/api/v1/images/:name',
+    summary: 'Delete an image',
+    tag: 'images',
+    params: z.object({ name: z.string() }),
+    responses: { 200: '{ deleted }' },
+    handler: async ({ params }) => {
+      await svc.images.delete(params.name);
+      return { deleted: params.name };
+    },
+  });
+}

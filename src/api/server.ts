@@ -1,0 +1,122 @@
+// The REST API under /api/v1 (Fastify). Two listeners share one route table: TCP, which
+// requires the bearer token, and a root-only unix socket in the data directory, which does not.
+import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import websocket from '@fastify/websocket';
+import { timingSafeEqual } from 'node:crypto';
+import { HfError, toHfError } from '../core/errors.js';
+import type { Logger } from '../util/log.js';
+import { buildOpenApi } from './openapi.js';
+import { RouteTable } from './routes.js';
+import { registerInstanceRoutes } from './routes/instances.js';
+import { registerSystemRoutes } from './routes/system.js';
+import type { ApiServices } from './services.js';
+
+export interface ApiOptions {
+  /** Bearer token required on this listener; undefined = no auth (the root-only unix socket). */
+  token?: string;
+  log: Logger;
+  version: string;
+}
+
+export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
+  const table = new RouteTable();
+  registerInstanceRoutes(table, svc);
+  registerSystemRoutes(table, svc);
+  const openapi = buildOpenApi(table, version);
+  table.add({
+    method: 'GET',
+    url: '/api/v1/openapi.json',
+    summary: 'This OpenAPI document',
+    tag: 'system',
+    responses: { 200: 'OpenAPI 3 document' },
+    handler: async () => openapi,
+  });
+  return table;
+}
+
+export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false, bodyLimit: 4 * 1024 * 1024, forceCloseConnections: true });
+  await app.register(websocket);
+
+  app.addHook('onRequest', async (req) => {
+    if (!opts.token) return;
+    if (req.url === '/api/v1/openapi.json' || req.url === '/' ) return;
+    const header = req.headers.authorization;
+    let given: string | undefined;
+    if (header?.startsWith('Bearer ')) given = header.slice(7).trim();
+    else {
+      // Browsers cannot set headers on EventSource and WebSocket: allow ?token= there.
+      const q = req.query as Record<string, unknown> | undefined;
+      if (typeof q?.token === 'string') given = q.token;
+    }
+    if (!given) throw new HfError('HF_ERR_UNAUTHORIZED', 'missing bearer token (Authorization: Bearer <token>)');
+    const a = Buffer.from(given);
+    const b = Buffer.from(opts.token);
+    if (a.length !== b.length || !timingSafeEqual(a, b)) throw new HfError('HF_ERR_UNAUTHORIZED', 'invalid bearer token');
+  });
+
+  app.setErrorHandler((err: FastifyError | HfError | Error, req, reply) => {
+    let e: HfError;
+    if (err instanceof HfError) e = err;
+    else if ('code' in err && typeof err.code === 'string' && err.code.startsWith('FST_ERR_CTP')) {
+      e = new HfError('HF_ERR_BAD_JSON', `malformed request body: ${err.message}`, { cause: err });
+    } else if (err instanceof SyntaxError || ('statusCode' in err && err.statusCode === 400)) {
+      e = new HfError('HF_ERR_BAD_JSON', `malformed request body: ${err.message}`, { cause: err });
+    } else if ('statusCode' in err && err.statusCode === 413) {
+      e = new HfError('HF_ERR_VALIDATION', 'request body too large', { cause: err });
+    } else {
+      e = toHfError(err);
+      opts.log.error('unhandled API error', { url: req.url, error: err.message, stack: err.stack });
+    }
+    void reply.status(e.status).send({ error: e.toJSON() });
+  });
+
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send({ error: { code: 'HF_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}` } });
+  });
+
+  buildRouteTable(svc, opts.version).register(app);
+  registerStreamRoutes(app, svc);
+  return app;
+}
+
+/** Routes that hold a connection open: the event stream (SSE) and the console (websocket). */
+function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
+  app.get('/api/v1/events', async (req, reply) => {
+    const q = req.query as { since?: string; types?: string };
+    const types = q.types ? new Set(q.types.split(',')) : undefined;
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' });
+    res.write(': hyperfold event stream\n\n');
+    const send = (ev: { seq: number; type: string }) => {
+      if (types && !types.has(ev.type)) return;
+      res.write(`id: ${ev.seq}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`);
+    };
+    const since = Number(q.since ?? req.headers['last-event-id'] ?? NaN);
+    if (Number.isFinite(since)) for (const ev of svc.events.since(since)) send(ev);
+    const off = svc.events.subscribe(send);
+    const ping = setInterval(() => res.write(': ping\n\n'), 15_000);
+    req.raw.on('close', () => {
+      off();
+      clearInterval(ping);
+    });
+  });
+
+  app.get('/api/v1/instances/:name/console', { websocket: true }, async (socket, req) => {
+    const { name } = req.params as { name: string };
+    try {
+      const con = await svc.instances.attachConsole(name);
+      con.onData((b) => {
+        if (socket.readyState === socket.OPEN) socket.send(b);
+      });
+      con.onClose(() => socket.close(1000, 'console closed'));
+      socket.on('message', (data: Buffer) => con.write(data));
+      socket.on('close', () => con.close());
+    } catch (e) {
+      const err = toHfError(e);
+      socket.send(JSON.stringify({ error: err.toJSON() }));
+      socket.close(4000 + Math.min(999, err.status), err.code);
+    }
+  });
+}

@@ -1,0 +1,208 @@
+// The daemon: wires the layers together (state store → services → drivers → API) and owns the
+// process-level concerns: the data directory, the admin token, listeners, signals, and the
+// reconcile pass that re-attaches to guests after a restart.
+import { randomBytes } from 'node:crypto';
+import { access, chmod, constants, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from '../api/server.js';
+import type { ApiServices } from '../api/services.js';
+import { HfError } from '../core/errors.js';
+import type { InstanceDriver } from '../drivers/driver.js';
+import { loadOrProbe, type AccelVerdict } from '../drivers/qemu/accel.js';
+import { QemuDriver } from '../drivers/qemu/driver.js';
+import type { InstanceType } from '../core/model/instance.js';
+import { EventBus } from '../services/events.js';
+import { bootId, describeHost, hostCapacity } from '../services/host.js';
+import { ImageService } from '../services/images.js';
+import { InstanceService } from '../services/instances.js';
+import { OperationManager } from '../services/operations.js';
+import { SqliteStateStore } from '../state/sqlite-store.js';
+import type { StateStore } from '../state/store.js';
+import { createLogger, type Logger } from '../util/log.js';
+import { isActive } from '../core/lifecycle.js';
+import { DataPaths, type DaemonConfig } from './config.js';
+import { VERSION } from './version.js';
+
+export interface Daemon {
+  config: DaemonConfig;
+  paths: DataPaths;
+  token: string;
+  url: string;
+  services: ApiServices;
+  store: StateStore;
+  /** Stops listening and detaches from guests; guests keep running. */
+  close(): Promise<void>;
+}
+
+interface HostRecord {
+  name: string;
+  bootId: string;
+  version: string;
+  lastStart: string;
+}
+
+export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } = {}): Promise<Daemon> {
+  const log = opts.log ?? createLogger({ level: (process.env.HYPERFOLD_LOG_LEVEL as 'info' | undefined) ?? 'info' });
+  const paths = new DataPaths(config.dataDir);
+  const startedAt = new Date().toISOString();
+
+  await prepareDataDir(paths);
+  await refuseSecondDaemon(paths.socket);
+  const token = await loadOrCreateToken(paths.tokenFile);
+  const store = SqliteStateStore.open(paths.stateDb);
+
+  const events = new EventBus(config.hostName);
+  const operations = new OperationManager(store, events, config.hostName, log.child({ component: 'operations' }));
+  await operations.recover();
+
+  let verdict: Promise<AccelVerdict> | undefined;
+  const accelVerdict = (): Promise<AccelVerdict> =>
+    (verdict ??= loadOrProbe(paths.accelCache, { qemuBinary: config.qemuBinary, deadlineMs: config.kvmProbeDeadlineMs }).catch((e) => {
+      verdict = undefined;
+      throw e;
+    }));
+
+  const drivers = new Map<InstanceType, InstanceDriver>();
+  drivers.set('vm', new QemuDriver({ binary: config.qemuBinary, accelVerdict, log: log.child({ component: 'qemu' }) }));
+
+  const images = new ImageService(paths, operations);
+  const instances = new InstanceService({
+    store,
+    drivers,
+    images,
+    operations,
+    events,
+    log: log.child({ component: 'instances' }),
+    hostName: config.hostName,
+    instancesDir: paths.instancesDir,
+    capacity: hostCapacity,
+    overcommit: config.overcommit,
+    stopTimeoutMs: config.stopTimeoutMs,
+    consoleLogMaxBytes: config.consoleLogMaxBytes,
+  });
+
+  // Did the host boot since we last ran? Then autostart instances start.
+  const hostKey = `/hosts/${config.hostName}`;
+  const prev = (await store.get<HostRecord>(hostKey))?.value;
+  const currentBoot = bootId();
+  const hostBooted = !prev || prev.bootId !== currentBoot;
+  await store.put(hostKey, { name: config.hostName, bootId: currentBoot, version: VERSION, lastStart: startedAt } satisfies HostRecord);
+
+  const reconciled = await instances.reconcile({ hostBooted });
+  if (reconciled.attached.length || reconciled.lost.length) log.info('reconciled instances', reconciled);
+
+  const services: ApiServices = {
+    instances,
+    operations,
+    images,
+    events,
+    version: VERSION,
+    host: async () => {
+      const all = await instances.list();
+      const active = all.filter((i) => i.host === config.hostName && isActive(i.state));
+      return describeHost({
+        name: config.hostName,
+        overcommit: config.overcommit,
+        verdict: await accelVerdict(),
+        version: VERSION,
+        startedAt,
+        instances: {
+          total: all.length,
+          running: active.length,
+          committedVcpus: active.reduce((s, i) => s + i.config.vcpus, 0),
+          committedMemoryMiB: active.reduce((s, i) => s + i.config.memoryMiB, 0),
+        },
+      });
+    },
+  };
+
+  const tcpApp = await buildApp(services, { token, log, version: VERSION });
+  const unixApp = await buildApp(services, { log, version: VERSION });
+  let listening: FastifyInstance[] = [];
+  try {
+    await tcpApp.listen({ host: config.listenHost, port: config.listenPort });
+    listening.push(tcpApp);
+    await rm(paths.socket, { force: true });
+    await unixApp.listen({ path: paths.socket });
+    listening.push(unixApp);
+    await chmod(paths.socket, 0o600);
+  } catch (e) {
+    for (const a of listening) await a.close();
+    await store.close();
+    const err = e as NodeJS.ErrnoException;
+    throw new HfError('HF_ERR_INTERNAL', `cannot listen on ${config.listenHost}:${config.listenPort}: ${err.message}`, { cause: e });
+  }
+  const addr = tcpApp.server.address();
+  const port = typeof addr === 'object' && addr ? addr.port : config.listenPort;
+  const url = `http://${config.listenHost.includes(':') ? `[${config.listenHost}]` : config.listenHost}:${port}`;
+
+  // Warm the accelerator verdict in the background so the first start does not wait for it.
+  void accelVerdict().then(
+    (v) => log.info('accelerator verdict', { kvm: v.kvm.usable, reason: v.kvm.reason }),
+    (e) => log.warn('accelerator probe failed', { error: (e as Error).message }),
+  );
+
+  if (config.buildTinyImage && !(await images.find('tiny'))) {
+    const op = await images.build('tiny').catch((e) => {
+      log.warn('cannot build the tiny image', { error: (e as Error).message });
+      return undefined;
+    });
+    if (op) log.info('building the tiny image', { operation: op.id });
+  }
+
+  const trimTimer = setInterval(() => void instances.trimConsoleLogs(), 30_000);
+  trimTimer.unref();
+
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> =>
+    (closing ??= (async () => {
+      clearInterval(trimTimer);
+      for (const a of listening) await a.close().catch(() => undefined);
+      listening = [];
+      await instances.close();
+      await store.close();
+      await rm(paths.socket, { force: true });
+    })());
+
+  log.info('hyperfold daemon ready', { url, socket: paths.socket, dataDir: paths.root, host: config.hostName, version: VERSION });
+  return { config, paths, token, url, services, store, close };
+}
+
+async function prepareDataDir(paths: DataPaths): Promise<void> {
+  try {
+    await mkdir(paths.root, { recursive: true, mode: 0o700 });
+    for (const d of [paths.instancesDir, paths.imagesDir, paths.cacheDir]) await mkdir(d, { recursive: true, mode: 0o700 });
+    await access(paths.root, constants.W_OK);
+    const probe = `${paths.root}/.write-test-${process.pid}`;
+    await writeFile(probe, 'ok');
+    await rm(probe);
+  } catch (e) {
+    throw new HfError('HF_ERR_DATA_DIR', `data directory ${paths.root} is not writable: ${(e as Error).message} (use --data-dir or HYPERFOLD_DATA to choose another)`, { cause: e });
+  }
+}
+
+/** Two daemons on one data directory would fight over every guest: refuse the second. */
+async function refuseSecondDaemon(socket: string): Promise<void> {
+  const alive = await new Promise<boolean>((resolve) => {
+    const s = net.createConnection({ path: socket });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (alive) throw new HfError('HF_ERR_CONFLICT', `another hyperfold daemon is already serving ${socket}`);
+}
+
+async function loadOrCreateToken(file: string): Promise<string> {
+  try {
+    const t = (await readFile(file, 'utf8')).trim();
+    if (t.length >= 32) return t;
+  } catch {
+    // create below
+  }
+  const token = randomBytes(24).toString('base64url');
+  await writeFile(file, token + '\n', { mode: 0o600 });
+  return token;
+}

@@ -1,0 +1,65 @@
+// What this host is and can do: CPUs, memory, the accelerator verdict and software versions.
+import { cpus, freemem, hostname, loadavg, release, totalmem, uptime } from 'node:os';
+import { readFileSync } from 'node:fs';
+import type { AccelVerdict } from '../drivers/qemu/accel.js';
+import type { HostCapacity, OvercommitPolicy } from '../core/resources.js';
+
+export interface HostInfo {
+  name: string;
+  hostname: string;
+  kernel: string;
+  cpus: { count: number; model: string };
+  memory: { totalMiB: number; freeMiB: number };
+  loadavg: number[];
+  uptimeSeconds: number;
+  overcommit: OvercommitPolicy;
+  accelerator: {
+    kvm: { usable: boolean; reason: string; probedAt?: string };
+    tcg: { usable: boolean; reason: string };
+    default: 'kvm' | 'tcg';
+  };
+  qemuVersion?: string;
+  daemon: { version: string; pid: number; startedAt: string; rssBytes: number };
+  instances: { total: number; running: number; committedVcpus: number; committedMemoryMiB: number };
+}
+
+export function hostCapacity(): HostCapacity {
+  return { cpus: cpus().length, memoryMiB: Math.floor(totalmem() / 1024 / 1024) };
+}
+
+export function bootId(): string {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+export function describeHost(opts: {
+  name: string;
+  overcommit: OvercommitPolicy;
+  verdict: AccelVerdict;
+  version: string;
+  startedAt: string;
+  instances: HostInfo['instances'];
+}): HostInfo {
+  const c = cpus();
+  return {
+    name: opts.name,
+    hostname: hostname(),
+    kernel: release(),
+    cpus: { count: c.length, model: c[0]?.model ?? 'unknown' },
+    memory: { totalMiB: Math.floor(totalmem() / 1048576), freeMiB: Math.floor(freemem() / 1048576) },
+    loadavg: loadavg(),
+    uptimeSeconds: Math.floor(uptime()),
+    overcommit: opts.overcommit,
+    accelerator: {
+      kvm: { usable: opts.verdict.kvm.usable, reason: opts.verdict.kvm.reason, probedAt: opts.verdict.kvm.probedAt },
+      tcg: opts.verdict.tcg,
+      default: opts.verdict.kvm.usable ? 'kvm' : 'tcg',
+    },
+    qemuVersion: opts.verdict.qemuVersion,
+    daemon: { version: opts.version, pid: process.pid, startedAt: opts.startedAt, rssBytes: process.memoryUsage.rss() },
+    instances: opts.instances,
+  };
+}

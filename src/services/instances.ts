@@ -1,0 +1,605 @@
+// The instance service: every lifecycle action on instances, whatever their type. It validates,
+// checks state and resources, runs the driver, records state in the store and publishes events.
+// Route handlers only translate HTTP to calls here.
+import { randomUUID } from 'node:crypto';
+import { mkdir, rm, stat, open, truncate } from 'node:fs/promises';
+import { join } from 'node:path';
+import { HfError, isHfError, toHfError } from '../core/errors.js';
+import { checkAction, decideOnExit, isActive, restartBackoffMs, type Action } from '../core/lifecycle.js';
+import {
+  createInstanceSchema,
+  instanceSchema,
+  nameSchema,
+  updateInstanceSchema,
+  type CreateInstance,
+  type DiskConfig,
+  type Instance,
+  type InstanceConfig,
+  type InstanceState,
+  type InstanceType,
+} from '../core/model/instance.js';
+import type { Operation } from '../core/model/operation.js';
+import { checkCanCommit, checkFitsHost, type HostCapacity, type OvercommitPolicy } from '../core/resources.js';
+import { parseSize } from '../core/units.js';
+import { parseInput } from '../core/validate.js';
+import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, InstancePaths } from '../drivers/driver.js';
+import { Collection, type Versioned } from '../state/collection.js';
+import type { StateStore } from '../state/store.js';
+import { QemuImg } from '../storage/qemu-img.js';
+import type { Logger } from '../util/log.js';
+import { KeyedMutex } from '../util/mutex.js';
+import { UndoStack } from '../util/undo.js';
+import type { EventBus } from './events.js';
+import type { ImageService } from './images.js';
+import type { OperationContext, OperationManager } from './operations.js';
+
+export interface InstanceServiceDeps {
+  store: StateStore;
+  drivers: Map<InstanceType, InstanceDriver>;
+  images: ImageService;
+  operations: OperationManager;
+  events: EventBus;
+  log: Logger;
+  hostName: string;
+  instancesDir: string;
+  capacity: () => HostCapacity;
+  overcommit: OvercommitPolicy;
+  stopTimeoutMs: number;
+  consoleLogMaxBytes: number;
+  qemuImg?: QemuImg;
+}
+
+export interface InstanceView extends Instance {
+  /** Observed from the hypervisor, not the record, when the daemon has a handle. */
+  pid?: number;
+}
+
+
+export class InstanceService {
+  private readonly records: Collection<Instance>;
+  private readonly handles = new Map<string, InstanceHandle>();
+  /** Instances whose current exit was asked for by a user (no restart policy then). */
+  private readonly stopping = new Set<string>();
+  private readonly restartTimers = new Map<string, NodeJS.Timeout>();
+  private readonly locks = new KeyedMutex();
+  private readonly qemuImg: QemuImg;
+  private closed = false;
+
+  constructor(private readonly d: InstanceServiceDeps) {
+    this.records = new Collection<Instance>(d.store, '/instances/', instanceSchema);
+    this.qemuImg = d.qemuImg ?? new QemuImg();
+  }
+
+  // ---- queries -------------------------------------------------------------------------------
+
+  async list(): Promise<Instance[]> {
+    return (await this.records.list()).map((v) => v.value);
+  }
+
+  async get(name: string): Promise<Instance> {
+    return (await this.load(name)).value;
+  }
+
+  paths(name: string): InstancePaths {
+    const dir = join(this.d.instancesDir, name);
+    return { dir, consoleLog: join(dir, 'console.log') };
+  }
+
+  // ---- create --------------------------------------------------------------------------------
+
+  /** Validates a create request and creates the instance (stopped). Synchronous-ish: disks are overlays. */
+  async create(body: unknown): Promise<Instance> {
+    const req = parseInput(createInstanceSchema, body);
+    const driver = this.driver(req.type);
+    checkFitsHost({ name: req.name, vcpus: req.vcpus, memoryMiB: req.memory }, this.d.capacity());
+    if (await this.records.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
+
+    return this.locks.run(req.name, 'create', () =>
+      UndoStack.run(async (undo) => {
+        const paths = this.paths(req.name);
+        await mkdir(this.d.instancesDir, { recursive: true });
+        try {
+          await mkdir(paths.dir, { recursive: false, mode: 0o700 });
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+            throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists (directory ${paths.dir} is present)`);
+          }
+          throw toHfError(e, 'HF_ERR_DATA_DIR');
+        }
+        undo.add('remove instance directory', () => rm(paths.dir, { recursive: true, force: true }));
+
+        const config = await this.buildConfig(req, paths.dir);
+        const now = new Date().toISOString();
+        const inst: Instance = {
+          id: randomUUID(),
+          name: req.name,
+          type: req.type,
+          host: this.d.hostName,
+          project: 'default',
+          image: req.image,
+          description: req.description,
+          config,
+          pending: {},
+          state: 'stopped',
+          desired: 'stopped',
+          restartCount: 0,
+          createdAt: now,
+          updatedAt: now,
+        };
+        await driver.check(inst);
+        const created = await this.records.create(inst.name, inst);
+        this.d.events.publish('instance.created', { name: inst.name, type: inst.type });
+        this.d.log.info('instance created', { name: inst.name, id: inst.id });
+        return created.value;
+      }, this.d.log),
+    );
+  }
+
+  private async buildConfig(req: CreateInstance, dir: string): Promise<InstanceConfig> {
+    let boot = req.boot;
+    const disks: DiskConfig[] = [];
+    if (req.image) {
+      const img = await this.d.images.get(req.image);
+      if (img.type !== req.type) throw new HfError('HF_ERR_VALIDATION', `image "${img.name}" is for ${img.type}s, not ${req.type}s`);
+      boot ??= img.boot;
+      if (img.disk) {
+        const root = join(dir, 'root.qcow2');
+        await this.qemuImg.createOverlay(root, img.disk.path, img.disk.format);
+        disks.push({ name: 'root', path: root, format: 'qcow2', media: 'disk', readonly: false });
+      }
+    }
+    for (const d of req.disks) {
+      if (disks.some((x) => x.name === d.name)) throw new HfError('HF_ERR_VALIDATION', `disk name "${d.name}" is used twice`);
+      let path = d.path;
+      if (d.size !== undefined) {
+        path = join(dir, `${d.name}.${d.format ?? 'qcow2'}`);
+        await this.qemuImg.createBlank(path, parseSize(d.size, `disk ${d.name} size`), d.format ?? 'qcow2');
+      } else {
+        try {
+          await stat(path);
+        } catch {
+          throw new HfError('HF_ERR_VALIDATION', `disk ${d.name}: ${path} does not exist`);
+        }
+      }
+      disks.push({ name: d.name, path, format: d.format ?? 'qcow2', media: d.media ?? 'disk', bus: d.bus, readonly: d.readonly ?? d.media === 'cdrom', volume: d.volume });
+    }
+    if (!boot) throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
+    return {
+      vcpus: req.vcpus,
+      maxVcpus: req.maxVcpus,
+      memoryMiB: req.memory,
+      maxMemoryMiB: req.maxMemory,
+      disks,
+      nics: [],
+      boot,
+      accel: req.accel,
+      devices: req.devices,
+      restartPolicy: req.restartPolicy,
+      autostart: req.autostart,
+    };
+  }
+
+  /** Create then (optionally) start, as one operation. */
+  async createOperation(body: unknown): Promise<{ instance: Instance; operation?: Operation }> {
+    const start = typeof body === 'object' && body !== null && (body as { start?: unknown }).start === true;
+    const inst = await this.create(body);
+    if (!start) return { instance: inst };
+    const operation = await this.action(inst.name, 'start');
+    return { instance: inst, operation };
+  }
+
+  // ---- update --------------------------------------------------------------------------------
+
+  async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[] }> {
+    const patch = parseInput(updateInstanceSchema, body);
+    return this.locks.run(name, 'update', async () => {
+      const cur = (await this.load(name)).value;
+      checkAction(name, cur.state, 'update');
+      const next: Partial<InstanceConfig> = {};
+      if (patch.vcpus !== undefined) next.vcpus = patch.vcpus;
+      if (patch.maxVcpus !== undefined) next.maxVcpus = patch.maxVcpus;
+      if (patch.memory !== undefined) next.memoryMiB = patch.memory;
+      if (patch.maxMemory !== undefined) next.maxMemoryMiB = patch.maxMemory;
+      if (patch.accel !== undefined) next.accel = patch.accel;
+      if (patch.devices !== undefined) next.devices = patch.devices;
+      const merged = { ...cur.config, ...cur.pending, ...next };
+      if (merged.maxVcpus !== undefined && merged.maxVcpus < merged.vcpus) throw new HfError('HF_ERR_VALIDATION', `vcpus (${merged.vcpus}) above maxVcpus (${merged.maxVcpus})`);
+      if (merged.maxMemoryMiB !== undefined && merged.maxMemoryMiB < merged.memoryMiB) throw new HfError('HF_ERR_VALIDATION', `memory (${merged.memoryMiB} MiB) above maxMemory (${merged.maxMemoryMiB} MiB)`);
+      checkFitsHost({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, this.d.capacity());
+
+      const applied: string[] = [];
+      const pending: string[] = [];
+      const running = isActive(cur.state);
+      const updated = await this.records.update(name, (r) => {
+        const out: Instance = { ...r, config: { ...r.config }, pending: { ...r.pending }, updatedAt: new Date().toISOString() };
+        // Policies and metadata apply at once, whatever the state.
+        if (patch.restartPolicy !== undefined) { out.config.restartPolicy = patch.restartPolicy; applied.push('restartPolicy'); }
+        if (patch.autostart !== undefined) { out.config.autostart = patch.autostart; applied.push('autostart'); }
+        if (patch.description !== undefined) { out.description = patch.description; applied.push('description'); }
+        for (const [k, v] of Object.entries(next) as Array<[keyof InstanceConfig, unknown]>) {
+          if (running) {
+            (out.pending as Record<string, unknown>)[k] = v;
+            pending.push(k);
+          } else {
+            (out.config as Record<string, unknown>)[k] = v;
+            applied.push(k);
+          }
+        }
+        return out;
+      });
+      this.d.events.publish('instance.updated', { name, applied, pending });
+      return { instance: updated.value, applied, pending };
+    });
+  }
+
+  // ---- lifecycle actions -----------------------------------------------------------------------
+
+  /**
+   * Starts a lifecycle action as an operation. The state check runs first, so a request that
+   * makes no sense now fails at once with a named error and no operation.
+   */
+  async action(name: string, action: Exclude<Action, 'update' | 'delete'>, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
+    const inst = (await this.load(name)).value;
+    if (!this.locks.holder(name)) checkAction(name, inst.state, action === 'stop' && opts.force ? 'kill' : action);
+    return this.d.operations.start(`instance.${action}`, { kind: 'instance', name }, (ctx) =>
+      this.locks.run(name, action, async () => {
+        switch (action) {
+          case 'start':
+            return this.doStart(name, ctx);
+          case 'stop':
+            return opts.force ? this.doStop(name, ctx, { force: true }) : this.doStop(name, ctx, { timeoutMs: opts.timeoutMs });
+          case 'kill':
+            return this.doStop(name, ctx, { force: true });
+          case 'restart':
+            await this.doStop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
+            return this.doStart(name, ctx);
+          case 'pause':
+            return this.doPause(name, true);
+          case 'resume':
+            return this.doPause(name, false);
+        }
+      }),
+    );
+  }
+
+  async delete(name: string, opts: { force?: boolean } = {}): Promise<Operation> {
+    const inst = (await this.load(name)).value;
+    if (!opts.force && !this.locks.holder(name)) checkAction(name, inst.state, 'delete');
+    return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
+      this.locks.run(name, 'delete', async () => {
+        const cur = (await this.load(name)).value;
+        if (isActive(cur.state) || this.handles.has(name)) {
+          if (!opts.force) checkAction(name, cur.state, 'delete');
+          await this.doStop(name, ctx, { force: true });
+        }
+        this.cancelRestart(name);
+        const after = (await this.load(name)).value;
+        await this.driver(after.type).cleanup(after, this.paths(name));
+        await this.records.delete(name);
+        await rm(this.paths(name).dir, { recursive: true, force: true });
+        this.d.events.publish('instance.deleted', { name });
+        this.d.log.info('instance deleted', { name });
+      }),
+    );
+  }
+
+  private async doStart(name: string, ctx: OperationContext): Promise<{ state: InstanceState }> {
+    const cur = (await this.load(name)).value;
+    checkAction(name, cur.state, 'start');
+    this.cancelRestart(name);
+    // Pending changes apply now.
+    const config: InstanceConfig = { ...cur.config, ...cur.pending };
+    const committed = await this.committed(name);
+    checkCanCommit({ name, vcpus: config.vcpus, memoryMiB: config.memoryMiB }, committed, this.d.capacity(), this.d.overcommit);
+    const driver = this.driver(cur.type);
+    const starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
+    await driver.check(starting);
+    const paths = this.paths(name);
+    await this.trimConsoleLog(paths.consoleLog);
+    ctx.progress(10, 'starting hypervisor');
+    let handle: InstanceHandle;
+    try {
+      handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
+    } catch (e) {
+      const err = toHfError(e, 'HF_ERR_HYPERVISOR');
+      await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined, lastExit: { at: new Date().toISOString(), reason: `start failed: ${err.message}`, clean: false } }));
+      await driver.cleanup(starting, paths).catch(() => undefined);
+      throw err;
+    }
+    await this.setState(name, 'running', (r) => ({ ...r, runtime: handle.runtime }));
+    this.supervise(name, handle);
+    this.d.log.info('instance started', { name, pid: handle.runtime.pid, accel: handle.runtime.accel });
+    return { state: 'running' };
+  }
+
+  private async doStop(name: string, ctx: OperationContext, opts: { force?: boolean; timeoutMs?: number }): Promise<{ state: InstanceState }> {
+    const cur = (await this.load(name)).value;
+    this.cancelRestart(name);
+    const handle = this.handles.get(name);
+    if (!handle) {
+      // Nothing runs: the record may say otherwise after a failure; converge it.
+      if (cur.state !== 'stopped') await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined }));
+      return { state: 'stopped' };
+    }
+    this.stopping.add(name);
+    try {
+      await this.setState(name, 'stopping', (r) => ({ ...r, desired: 'stopped' }));
+      if (!opts.force) {
+        const timeoutMs = opts.timeoutMs ?? this.d.stopTimeoutMs;
+        ctx.progress(20, `asking the guest to shut down (up to ${Math.round(timeoutMs / 1000)} s)`);
+        try {
+          if ((await handle.observe()) === 'paused') await handle.resume();
+          await handle.requestShutdown();
+        } catch (e) {
+          this.d.log.warn('graceful shutdown request failed', { name, error: (e as Error).message });
+        }
+        const exited = await Promise.race([handle.exited.then(() => true), sleep(timeoutMs).then(() => false)]);
+        if (!exited) {
+          ctx.message(`guest did not shut down within ${Math.round(timeoutMs / 1000)} s: forcing`);
+          ctx.progress(80, 'forcing stop');
+        }
+      }
+      await handle.kill();
+      await handle.exited;
+      // the exit handler records the final state; wait for it so the operation ends consistent
+      await this.waitForState(name, ['stopped', 'crashed'], 5000);
+    } finally {
+      this.stopping.delete(name);
+    }
+    return { state: 'stopped' };
+  }
+
+  private async doPause(name: string, pause: boolean): Promise<{ state: InstanceState }> {
+    const cur = (await this.load(name)).value;
+    checkAction(name, cur.state, pause ? 'pause' : 'resume');
+    const handle = this.requireHandle(name);
+    if (pause) await handle.pause();
+    else await handle.resume();
+    const state: InstanceState = pause ? 'paused' : 'running';
+    await this.setState(name, state, (r) => ({ ...r, desired: pause ? 'paused' : 'running' }));
+    return { state };
+  }
+
+  // ---- supervision -------------------------------------------------------------------------------
+
+  /** Watches a live handle: its exit records the new state and applies the restart policy. */
+  private supervise(name: string, handle: InstanceHandle): void {
+    this.handles.set(name, handle);
+    void handle.exited.then((exit) => this.onExit(name, handle, exit));
+  }
+
+  private async onExit(name: string, handle: InstanceHandle, exit: ExitInfo): Promise<void> {
+    if (this.handles.get(name) !== handle) return;
+    this.handles.delete(name);
+    handle.detach();
+    if (this.closed) return;
+    const requested = this.stopping.has(name);
+    let rec: Versioned<Instance> | undefined;
+    try {
+      rec = await this.records.get(name);
+    } catch (e) {
+      this.d.log.error('cannot read instance after exit', { name, error: (e as Error).message });
+    }
+    if (!rec) return;
+    const inst = rec.value;
+    const decision = decideOnExit({ clean: exit.clean || requested, requestedStop: requested, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
+    await this.driver(inst.type).cleanup(inst, this.paths(name)).catch(() => undefined);
+    await this.setState(name, decision.state, (r) => ({
+      ...r,
+      runtime: undefined,
+      desired: decision.restart ? 'running' : 'stopped',
+      lastExit: { at: new Date().toISOString(), reason: exit.reason, clean: exit.clean },
+      restartCount: decision.restart ? r.restartCount + 1 : r.restartCount,
+    }));
+    this.d.log.info('instance exited', { name, clean: exit.clean, reason: exit.reason, state: decision.state, restart: decision.restart });
+    if (decision.state === 'crashed') this.d.events.publish('instance.crashed', { name, reason: exit.reason });
+    if (decision.restart) this.scheduleRestart(name, inst.restartCount);
+  }
+
+  private scheduleRestart(name: string, restartCount: number): void {
+    this.cancelRestart(name);
+    const delay = restartBackoffMs(restartCount);
+    const timer = setTimeout(() => {
+      this.restartTimers.delete(name);
+      void this.action(name, 'start').catch((e) => this.d.log.warn('automatic restart refused', { name, error: (e as Error).message }));
+    }, delay);
+    timer.unref();
+    this.restartTimers.set(name, timer);
+    this.d.log.info('restart scheduled by policy', { name, delayMs: delay });
+  }
+
+  private cancelRestart(name: string): void {
+    const t = this.restartTimers.get(name);
+    if (t) clearTimeout(t);
+    this.restartTimers.delete(name);
+  }
+
+  /**
+   * Re-attaches to every instance of this host that the store says is active (after a daemon
+   * restart, including a SIGKILL); instances whose process is gone are marked and the restart
+   * policy applies. Autostart instances start when the host has booted since we last ran.
+   */
+  async reconcile(opts: { hostBooted: boolean }): Promise<{ attached: string[]; lost: string[]; autostarted: string[] }> {
+    const attached: string[] = [];
+    const lost: string[] = [];
+    const autostarted: string[] = [];
+    for (const inst of await this.list()) {
+      if (inst.host !== this.d.hostName) continue;
+      if (this.handles.has(inst.name)) continue;
+      if (isActive(inst.state) && inst.runtime) {
+        const driver = this.driver(inst.type);
+        let handle: InstanceHandle | null = null;
+        try {
+          handle = await driver.attach(inst, { paths: this.paths(inst.name) });
+        } catch (e) {
+          this.d.log.warn('re-attach failed', { name: inst.name, error: (e as Error).message });
+        }
+        if (handle) {
+          const observed = await handle.observe().catch(() => 'running' as const);
+          const state: InstanceState = observed === 'paused' ? 'paused' : observed === 'running' ? 'running' : 'stopped';
+          // A stop or start that was in flight when the daemon died converges to what the guest does now.
+          await this.setState(inst.name, state, (r) => ({ ...r, runtime: handle!.runtime }));
+          this.supervise(inst.name, handle);
+          attached.push(inst.name);
+          continue;
+        }
+        lost.push(inst.name);
+        const wasStopping = inst.state === 'stopping' || inst.desired === 'stopped';
+        await this.onExitOfLost(inst, wasStopping);
+        continue;
+      }
+      if (inst.state === 'starting' || inst.state === 'stopping') {
+        await this.setState(inst.name, 'stopped', (r) => ({ ...r, runtime: undefined }));
+      }
+      if (opts.hostBooted && inst.config.autostart && !isActive(inst.state)) {
+        autostarted.push(inst.name);
+        void this.action(inst.name, 'start').catch((e) => this.d.log.warn('autostart failed', { name: inst.name, error: (e as Error).message }));
+      }
+    }
+    return { attached, lost, autostarted };
+  }
+
+  private async onExitOfLost(inst: Instance, wasStopping: boolean): Promise<void> {
+    const decision = decideOnExit({ clean: wasStopping, requestedStop: wasStopping, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
+    await this.driver(inst.type).cleanup(inst, this.paths(inst.name)).catch(() => undefined);
+    await this.setState(inst.name, decision.state, (r) => ({
+      ...r,
+      runtime: undefined,
+      lastExit: { at: new Date().toISOString(), reason: 'process was gone when the daemon started', clean: wasStopping },
+      restartCount: decision.restart ? r.restartCount + 1 : r.restartCount,
+    }));
+    if (decision.state === 'crashed') this.d.events.publish('instance.crashed', { name: inst.name, reason: 'process was gone when the daemon started' });
+    if (decision.restart) this.scheduleRestart(inst.name, inst.restartCount);
+  }
+
+  // ---- console -----------------------------------------------------------------------------------
+
+  async attachConsole(name: string): Promise<ConsoleAttachment> {
+    await this.load(name);
+    return this.requireHandle(name).attachConsole();
+  }
+
+  /** The tail of the bounded console log (at most `maxBytes`). */
+  async consoleLog(name: string, maxBytes = 256 * 1024): Promise<string> {
+    await this.load(name);
+    const file = this.paths(name).consoleLog;
+    let fh;
+    try {
+      fh = await open(file, 'r');
+    } catch {
+      return '';
+    }
+    try {
+      const { size } = await fh.stat();
+      const len = Math.min(size, maxBytes);
+      const buf = Buffer.alloc(len);
+      await fh.read(buf, 0, len, size - len);
+      return buf.toString('utf8');
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /**
+   * Keeps the console log bounded: QEMU appends to it (O_APPEND) even while the daemon is down;
+   * when it grows past the cap we keep the newest half.
+   */
+  async trimConsoleLog(file: string): Promise<void> {
+    let fh;
+    try {
+      fh = await open(file, 'r+');
+    } catch {
+      return;
+    }
+    try {
+      const { size } = await fh.stat();
+      if (size <= this.d.consoleLogMaxBytes) return;
+      const keep = Math.floor(this.d.consoleLogMaxBytes / 2);
+      const buf = Buffer.alloc(keep);
+      await fh.read(buf, 0, keep, size - keep);
+      await truncate(file, 0);
+      await fh.write(buf, 0, keep, 0);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** Trims every running instance's console log; called periodically by the daemon. */
+  async trimConsoleLogs(): Promise<void> {
+    for (const name of this.handles.keys()) await this.trimConsoleLog(this.paths(name).consoleLog).catch(() => undefined);
+  }
+
+  // ---- internals ---------------------------------------------------------------------------------
+
+  /** Detaches from every live guest without stopping any (daemon shutdown). */
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const t of this.restartTimers.values()) clearTimeout(t);
+    this.restartTimers.clear();
+    for (const h of this.handles.values()) h.detach();
+    this.handles.clear();
+  }
+
+  handle(name: string): InstanceHandle | undefined {
+    return this.handles.get(name);
+  }
+
+  private requireHandle(name: string): InstanceHandle {
+    const h = this.handles.get(name);
+    if (!h) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance "${name}" is not running`);
+    return h;
+  }
+
+  private driver(type: InstanceType): InstanceDriver {
+    const d = this.d.drivers.get(type);
+    if (!d) throw new HfError('HF_ERR_UNSUPPORTED', `no driver for ${type} instances on this host`);
+    return d;
+  }
+
+  private async load(name: string): Promise<Versioned<Instance>> {
+    const parsed = nameSchema.safeParse(name);
+    if (!parsed.success) throw new HfError('HF_ERR_INVALID_NAME', `"${name}" is not a valid instance name`);
+    const v = await this.records.get(name);
+    if (!v) throw new HfError('HF_ERR_INSTANCE_NOT_FOUND', `instance "${name}" not found`);
+    return v;
+  }
+
+  private async setState(name: string, state: InstanceState, fn: (r: Instance) => Instance = (r) => r): Promise<Instance> {
+    let prev: InstanceState | undefined;
+    const v = await this.records.update(name, (r) => {
+      prev = r.state;
+      return { ...fn(r), state, updatedAt: new Date().toISOString() };
+    });
+    if (prev !== state) this.d.events.publish('instance.state', { name, state, previous: prev });
+    return v.value;
+  }
+
+  private async waitForState(name: string, states: InstanceState[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (Date.now() < deadline) {
+      const v = await this.records.get(name);
+      if (!v || states.includes(v.value.state)) return;
+      await sleep(20);
+    }
+  }
+
+  /** vCPUs and memory committed by this host's active instances, other than `except`. */
+  private async committed(except: string): Promise<{ vcpus: number; memoryMiB: number }> {
+    let vcpus = 0;
+    let memoryMiB = 0;
+    for (const i of await this.list()) {
+      if (i.name === except || i.host !== this.d.hostName || !isActive(i.state)) continue;
+      vcpus += i.config.vcpus;
+      memoryMiB += i.config.memoryMiB;
+    }
+    return { vcpus, memoryMiB };
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+export function isNotFound(e: unknown): boolean {
+  return isHfError(e, 'HF_ERR_INSTANCE_NOT_FOUND');
+}

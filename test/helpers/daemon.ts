@@ -1,0 +1,136 @@
+// Runs a real daemon as a child process (so tests can SIGKILL it) on a fresh data directory.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ApiClient } from '../../src/cli/client.js';
+import type { Instance } from '../../src/core/model/instance.js';
+import type { Operation } from '../../src/core/model/operation.js';
+import { installTestImage } from './image.js';
+
+export const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+export interface TestDaemon {
+  dataDir: string;
+  url: string;
+  token: string;
+  proc: ChildProcess;
+  api: ApiClient;
+  /** API over TCP with the token (the unix socket needs none). */
+  http: ApiClient;
+  output(): string;
+}
+
+export async function makeDataDir(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'hf-test-'));
+  await installTestImage(dir);
+  return dir;
+}
+
+export async function startTestDaemon(dataDir: string, env: NodeJS.ProcessEnv = {}): Promise<TestDaemon> {
+  const proc = spawn(process.execPath, [CLI, '--data-dir', dataDir, 'serve', '--listen', '127.0.0.1:0', '--no-build-image'], {
+    env: { ...process.env, HYPERFOLD_STOP_TIMEOUT_MS: '20000', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start:\n${out}`)), 20_000);
+    const check = () => {
+      const m = /API:\s+(http:\/\/\S+)\/api\/v1/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]!);
+      }
+    };
+    proc.stdout!.on('data', check);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`daemon exited (${code}):\n${out}`));
+    });
+  });
+  const token = (await readFile(join(dataDir, 'admin.token'), 'utf8')).trim();
+  return {
+    dataDir,
+    url,
+    token,
+    proc,
+    api: new ApiClient({ dataDir }),
+    http: new ApiClient({ url, token }),
+    output: () => out,
+  };
+}
+
+export async function stopTestDaemon(d: TestDaemon, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  if (d.proc.exitCode !== null || d.proc.signalCode !== null) return;
+  const exited = new Promise((r) => d.proc.once('exit', r));
+  d.proc.kill(signal);
+  await exited;
+}
+
+/** Kills every guest of a data directory and removes it (test clean-up). */
+export async function destroyDataDir(dataDir: string, d?: TestDaemon): Promise<void> {
+  if (d && d.proc.exitCode === null && d.proc.signalCode === null) {
+    try {
+      const { instances } = await d.api.request<{ instances: Instance[] }>('GET', '/api/v1/instances');
+      for (const i of instances) {
+        const { operation } = await d.api.request<{ operation: Operation }>('DELETE', `/api/v1/instances/${i.name}?force=true`);
+        await d.api.waitOperation(operation.id);
+      }
+    } catch {
+      // fall through to the hard clean-up
+    }
+    await stopTestDaemon(d);
+  }
+  // Any QEMU still running from this data dir (e.g. after a SIGKILL test) is killed by pid.
+  const { readdir } = await import('node:fs/promises');
+  try {
+    for (const name of await readdir(join(dataDir, 'instances'))) {
+      const pid = Number(await readFile(join(dataDir, 'instances', name, 'qemu.pid'), 'utf8').catch(() => ''));
+      if (pid > 0) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone
+        }
+      }
+    }
+  } catch {
+    // no instances dir
+  }
+  await rm(dataDir, { recursive: true, force: true });
+}
+
+export async function op(api: ApiClient, method: string, path: string, body?: unknown): Promise<Operation> {
+  const res = await api.request<{ operation: Operation }>(method, path, body);
+  return api.waitOperation(res.operation.id);
+}
+
+export async function getInstance(api: ApiClient, name: string): Promise<Instance> {
+  return (await api.request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`)).instance;
+}
+
+/** Polls the console log until `re` matches, or throws after `timeoutMs` with the log's tail. */
+export async function waitForConsole(api: ApiClient, name: string, re: RegExp, timeoutMs = 90_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  let text = '';
+  while (Date.now() < deadline) {
+    text = await api.request<string>('GET', `/api/v1/instances/${name}/console/log`);
+    if (re.test(text)) return text;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`console of ${name} did not show ${re} within ${timeoutMs} ms; tail:\n${text.slice(-1500)}`);
+}
+
+export async function waitForState(api: ApiClient, name: string, state: string, timeoutMs = 30_000): Promise<Instance> {
+  const deadline = Date.now() + timeoutMs;
+  let inst: Instance | undefined;
+  while (Date.now() < deadline) {
+    inst = await getInstance(api, name);
+    if (inst.state === state) return inst;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`${name} did not reach ${state} within ${timeoutMs} ms (is ${inst?.state})`);
+}
