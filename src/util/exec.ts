@@ -39,8 +39,15 @@ export async function run(
 
 /** Resolves the absolute path of a program on PATH, or undefined. */
 export async function which(cmd: string): Promise<string | undefined> {
-  if (cmd.includes('/')) return cmd;
   const { access } = await import('node:fs/promises');
+  if (cmd.includes('/')) {
+    try {
+      await access(cmd, 1);
+      return cmd;
+    } catch {
+      return undefined;
+    }
+  }
   for (const dir of (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':')) {
     const p = `${dir}/${cmd}`;
     try {

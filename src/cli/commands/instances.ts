@@ -1,0 +1,218 @@
+// Instance verbs: launch, create, list, info, start/stop/restart/pause/resume, delete, console.
+import { Option, type Command } from 'commander';
+import type { Instance } from '../../core/model/instance.js';
+import type { Operation } from '../../core/model/operation.js';
+import { formatMiB } from '../../core/units.js';
+import { ApiError } from '../client.js';
+import type { CliContext } from '../context.js';
+import { table } from '../format.js';
+
+export function registerInstanceCommands(ctx: CliContext): void {
+// ---- instances -----------------------------------------------------------------------------
+  
+  function instanceOptions(cmd: Command): Command {
+    return cmd
+      .option('--cpus <n>', 'vCPUs', (v) => Number(v))
+      .option('--max-cpus <n>', 'vCPU ceiling for hot-plug', (v) => Number(v))
+      .option('--memory <size>', 'memory, e.g. 256M or 1G')
+      .option('--max-memory <size>', 'memory ceiling for hot-plug')
+      .option('--disk <name=size>', 'add a blank disk (repeatable), e.g. data=1G', (v: string, acc: string[]) => [...acc, v], [])
+      .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']))
+      .addOption(new Option('--devices <model>', 'device model: virtio (paravirtual) or emulated (e1000, IDE)').choices(['virtio', 'emulated']))
+      .addOption(new Option('--restart-policy <policy>', 'what happens when it stops by itself').choices(['never', 'on-failure', 'always']))
+      .option('--autostart', 'start when the host boots')
+      .option('--description <text>', 'free text')
+      .option('--kernel <path>', 'boot this kernel directly (with --initrd, --cmdline)')
+      .option('--initrd <path>')
+      .option('--cmdline <text>')
+      .option('--format <fmt>', 'output format: table or json', 'table');
+  }
+  
+  interface InstanceOpts {
+    cpus?: number;
+    maxCpus?: number;
+    memory?: string;
+    maxMemory?: string;
+    disk: string[];
+    accel?: string;
+    devices?: string;
+    restartPolicy?: string;
+    autostart?: boolean;
+    description?: string;
+    kernel?: string;
+    initrd?: string;
+    cmdline?: string;
+    format?: string;
+    wait?: boolean;
+  }
+  
+  function createBody(image: string | undefined, name: string, o: InstanceOpts, start: boolean): Record<string, unknown> {
+    const body: Record<string, unknown> = { name, start };
+    if (image && image !== 'none') body.image = image;
+    if (o.cpus !== undefined) body.vcpus = o.cpus;
+    if (o.maxCpus !== undefined) body.maxVcpus = o.maxCpus;
+    if (o.memory !== undefined) body.memory = o.memory;
+    if (o.maxMemory !== undefined) body.maxMemory = o.maxMemory;
+    if (o.accel) body.accel = o.accel;
+    if (o.devices) body.devices = o.devices;
+    if (o.restartPolicy) body.restartPolicy = o.restartPolicy;
+    if (o.autostart) body.autostart = true;
+    if (o.description) body.description = o.description;
+    if (o.kernel) body.boot = { kind: 'kernel', kernel: o.kernel, initrd: o.initrd, cmdline: o.cmdline ?? '' };
+    if (o.disk.length) {
+      body.disks = o.disk.map((d) => {
+        const [n, size] = d.split('=');
+        return { name: n, size };
+      });
+    }
+    return body;
+  }
+  
+  async function createCommand(image: string, name: string, o: InstanceOpts, start: boolean): Promise<void> {
+    const res = await ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', '/api/v1/instances', createBody(image, name, o, start));
+    if (res.operation) await ctx.follow(res.operation, { wait: o.wait });
+    const inst = (await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`)).instance;
+    ctx.print(inst, o.format, () => `${start ? 'launched' : 'created'} ${inst.type} ${inst.name} (${inst.state})`);
+  }
+  
+  instanceOptions(ctx.program.command('launch <image> <name>').description('create and start an instance from an image'))
+    .option('--no-wait', 'return once the start operation is queued')
+    .action((image: string, name: string, o: InstanceOpts) => createCommand(image, name, o, true));
+  
+  instanceOptions(ctx.program.command('create <image> <name>').description('create an instance without starting it')).action((image: string, name: string, o: InstanceOpts) =>
+    createCommand(image, name, o, false),
+  );
+  
+  ctx.program
+    .command('list')
+    .alias('ls')
+    .description('list instances')
+    .option('--format <fmt>', 'table or json', 'table')
+    .option('--type <type>', 'vm or container')
+    .action(async (o: { format: string; type?: string }) => {
+      const { instances } = await ctx.client().request<{ instances: Instance[] }>('GET', `/api/v1/instances${o.type ? `?type=${o.type}` : ''}`);
+      ctx.print(instances, o.format, () =>
+        table(
+          ['NAME', 'TYPE', 'STATE', 'CPUS', 'MEMORY', 'IMAGE', 'HOST', 'PID'],
+          instances.map((i) => [i.name, i.type, i.state, String(i.config.vcpus), formatMiB(i.config.memoryMiB), i.image ?? '-', i.host, i.runtime ? String(i.runtime.pid) : '-']),
+        ),
+      );
+    });
+  
+  ctx.program
+    .command('info <name>')
+    .description('show an instance')
+    .option('--format <fmt>', 'table or json', 'table')
+    .action(async (name: string, o: { format: string }) => {
+      const { instance: i } = await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`);
+      ctx.print(i, o.format, () => {
+        const c = i.config;
+        const lines = [
+          `Name:           ${i.name}`,
+          `ID:             ${i.id}`,
+          `Type:           ${i.type}`,
+          `State:          ${i.state}${i.runtime ? ` (pid ${i.runtime.pid}, ${i.runtime.accel ?? ''}, since ${i.runtime.startedAt})` : ''}`,
+          `Host:           ${i.host}`,
+          `Image:          ${i.image ?? '-'}`,
+          `vCPUs:          ${c.vcpus}${c.maxVcpus ? ` (max ${c.maxVcpus})` : ''}`,
+          `Memory:         ${formatMiB(c.memoryMiB)}${c.maxMemoryMiB ? ` (max ${formatMiB(c.maxMemoryMiB)})` : ''}`,
+          `Accelerator:    ${c.accel}`,
+          `Devices:        ${c.devices}`,
+          `Boot:           ${c.boot.kind === 'kernel' ? `kernel ${c.boot.kernel}` : `${c.boot.kind} (${c.boot.firmware})`}`,
+          `Restart policy: ${c.restartPolicy}${i.restartCount ? ` (restarted ${i.restartCount}×)` : ''}`,
+          `Autostart:      ${c.autostart ? 'yes' : 'no'}`,
+          `Disks:`,
+          ...(c.disks.length ? c.disks.map((d) => `  ${d.name}: ${d.path} (${d.format}, ${d.media}${d.readonly ? ', read-only' : ''})`) : ['  (none)']),
+          `NICs:`,
+          ...(c.nics.length ? c.nics.map((n) => `  ${n.name}: ${n.network} ${n.mac}${n.ip ? ` ${n.ip}` : ''}`) : ['  (none)']),
+        ];
+        const pend = Object.entries(i.pending);
+        if (pend.length) lines.push('Pending (applies at next boot):', ...pend.map(([k, v]) => `  ${k} = ${JSON.stringify(v)}`));
+        if (i.lastExit) lines.push(`Last exit:      ${i.lastExit.at} ${i.lastExit.clean ? 'clean' : 'unclean'}: ${i.lastExit.reason}`);
+        return lines.join('\n');
+      });
+    });
+  
+  for (const action of ['start', 'stop', 'restart', 'pause', 'resume'] as const) {
+    const cmd = ctx.program.command(`${action} <names...>`).description(`${action} instances`);
+    if (action === 'stop' || action === 'restart') {
+      cmd.option('-f, --force', 'kill instead of a graceful shutdown').option('--timeout <seconds>', 'graceful shutdown timeout before forcing', (v) => Number(v));
+    }
+    cmd.option('--no-wait', 'return once the operation is queued');
+    cmd.action(async (names: string[], o: { force?: boolean; timeout?: number; wait?: boolean }) => {
+      for (const name of names) {
+        const body: Record<string, unknown> = {};
+        if (o.force) body.force = true;
+        if (o.timeout !== undefined) body.timeout = o.timeout;
+        const { operation } = await ctx.client().request<{ operation: Operation }>('POST', `/api/v1/instances/${name}/${action}`, body);
+        await ctx.follow(operation, { wait: o.wait });
+      }
+    });
+  }
+  
+  ctx.program
+    .command('delete <names...>')
+    .alias('rm')
+    .description('delete instances (refused while running unless --force)')
+    .option('-f, --force', 'stop it first if it runs')
+    .action(async (names: string[], o: { force?: boolean }) => {
+      for (const name of names) {
+        const { operation } = await ctx.client().request<{ operation: Operation }>('DELETE', `/api/v1/instances/${name}${o.force ? '?force=true' : ''}`);
+        await ctx.follow(operation);
+      }
+    });
+  
+  ctx.program
+    .command('console <name>')
+    .description('attach to the serial console (Ctrl-] to detach); --log prints the kept console output')
+    .option('--log', 'print the bounded console log and exit')
+    .option('--bytes <n>', 'with --log: how much of the end to print', (v) => Number(v))
+    .action(async (name: string, o: { log?: boolean; bytes?: number }) => {
+      if (o.log) {
+        const text = await ctx.client().request<string>('GET', `/api/v1/instances/${name}/console/log${o.bytes ? `?bytes=${o.bytes}` : ''}`);
+        process.stdout.write(text);
+        return;
+      }
+      await interactiveConsole(name);
+    });
+  
+  async function interactiveConsole(name: string): Promise<void> {
+    // Fail early with the API's error when the instance is unknown or stopped.
+    const { instance } = await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`);
+    if (instance.state !== 'running' && instance.state !== 'paused') throw new ApiError(409, 'HF_ERR_INSTANCE_NOT_RUNNING', `instance "${name}" is ${instance.state}, not running`);
+    const ws = ctx.client().websocket(`/api/v1/instances/${name}/console`);
+    const stdin = process.stdin;
+    await new Promise<void>((resolve, reject) => {
+      ws.on('open', () => {
+        if (stdin.isTTY) {
+          stdin.setRawMode(true);
+          process.stderr.write(`Connected to ${name}'s console. Press Ctrl-] to detach.\r\n`);
+        }
+        stdin.on('data', (d: Buffer) => {
+          if (d.includes(0x1d)) {
+            ws.close();
+            return;
+          }
+          ws.send(d);
+        });
+        stdin.resume();
+      });
+      ws.on('message', (data: Buffer, isBinary: boolean) => {
+        if (!isBinary && data.toString().startsWith('{"error"')) {
+          const e = JSON.parse(data.toString()) as { error: { code: string; message: string } };
+          reject(new ApiError(0, e.error.code, e.error.message));
+          return;
+        }
+        process.stdout.write(data);
+      });
+      ws.on('close', () => {
+        if (stdin.isTTY) stdin.setRawMode(false);
+        stdin.pause();
+        resolve();
+      });
+      ws.on('error', reject);
+    });
+  }
+  
+  
+}
