@@ -1,7 +1,7 @@
 // The driver interface: the narrow seam between the platform and a virtualization backend.
 // QEMU (drivers/qemu) implements it for virtual machines; runc (drivers/container) for system
 // containers. Services never reach past it.
-import type { Instance, InstanceType, RuntimeInfo } from '../core/model/instance.js';
+import type { DiskConfig, Instance, InstanceConfig, InstanceType, NicConfig, RuntimeInfo } from '../core/model/instance.js';
 
 /** Files a driver may use for one instance: all under the instance's own directory. */
 export interface InstancePaths {
@@ -47,6 +47,53 @@ export interface InstanceHandle {
   attachConsole(): Promise<ConsoleAttachment>;
   /** Releases daemon-side resources (sockets, timers) without touching the guest. */
   detach(): void;
+
+  // ---- optional capabilities: a handle without one makes the service answer HF_ERR_UNSUPPORTED ----
+
+  /**
+   * Applies resource changes to the running instance (memory, vCPUs, cgroup limits). Returns the
+   * fields that applied live; the service stores the rest as pending for the next start.
+   */
+  applyLive?(changes: Partial<InstanceConfig>, current: InstanceConfig): Promise<LiveChangeResult>;
+  /** Live details for `info` (balloon statistics, hot-plugged devices, cgroup usage…). */
+  liveInfo?(): Promise<Record<string, unknown>>;
+  /** Runs a command inside the instance (containers). */
+  exec?(argv: string[], opts: ExecOptions): Promise<ExecSession>;
+  /** Hot-plugs a disk into the running instance / removes it. */
+  attachDisk?(disk: DiskConfig): Promise<void>;
+  detachDisk?(diskName: string): Promise<void>;
+  /** Grows a disk of the running instance (block_resize). */
+  resizeDisk?(diskName: string, sizeBytes: number): Promise<void>;
+  /** Hot-plugs a NIC into the running instance / removes it. */
+  attachNic?(nic: NicConfig): Promise<void>;
+  detachNic?(nicName: string): Promise<void>;
+}
+
+export interface LiveChangeResult {
+  applied: string[];
+  pending: string[];
+  /** Human-readable notes (why a field could not apply live). */
+  notes: string[];
+}
+
+export interface ExecOptions {
+  tty: boolean;
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Terminal size for tty sessions. */
+  cols?: number;
+  rows?: number;
+}
+
+export interface ExecSession {
+  stdin(data: Buffer | string): void;
+  closeStdin(): void;
+  onStdout(cb: (b: Buffer) => void): void;
+  onStderr(cb: (b: Buffer) => void): void;
+  /** Resolves with the exit code (or 128+signal). */
+  readonly exit: Promise<number>;
+  kill(signal?: NodeJS.Signals): void;
+  resize?(cols: number, rows: number): void;
 }
 
 export interface StartContext {

@@ -31,6 +31,7 @@ import { KeyedMutex } from '../util/mutex.js';
 import { UndoStack } from '../util/undo.js';
 import type { EventBus } from './events.js';
 import type { ImageService } from './images.js';
+import type { InstanceExtension } from './extensions.js';
 import type { OperationContext, OperationManager } from './operations.js';
 
 export interface InstanceServiceDeps {
@@ -47,6 +48,8 @@ export interface InstanceServiceDeps {
   stopTimeoutMs: number;
   consoleLogMaxBytes: number;
   qemuImg?: QemuImg;
+  /** Areas that attach host resources to instances (networks, volumes). */
+  extensions?: InstanceExtension[];
 }
 
 export interface InstanceView extends Instance {
@@ -110,7 +113,7 @@ export class InstanceService {
 
         const config = await this.buildConfig(req, paths.dir);
         const now = new Date().toISOString();
-        const inst: Instance = {
+        let inst: Instance = {
           id: randomUUID(),
           name: req.name,
           type: req.type,
@@ -126,6 +129,10 @@ export class InstanceService {
           createdAt: now,
           updatedAt: now,
         };
+        for (const ext of this.extensions) if (ext.onCreate) inst = await ext.onCreate(req, inst, undo);
+        if (req.nics.length > 0 && inst.config.nics.length === 0) {
+          throw new HfError('HF_ERR_UNSUPPORTED', 'networking is not available on this host: cannot attach NICs');
+        }
         await driver.check(inst);
         const created = await this.records.create(inst.name, inst);
         this.d.events.publish('instance.created', { name: inst.name, type: inst.type });
@@ -176,7 +183,24 @@ export class InstanceService {
       devices: req.devices,
       restartPolicy: req.restartPolicy,
       autostart: req.autostart,
+      privileged: req.privileged,
+      pidsLimit: req.pidsLimit,
     };
+  }
+
+  private get extensions(): InstanceExtension[] {
+    return this.d.extensions ?? [];
+  }
+
+  private async runAfterStop(inst: Instance): Promise<void> {
+    for (const ext of this.extensions) {
+      if (!ext.afterStop) continue;
+      try {
+        await ext.afterStop(inst);
+      } catch (e) {
+        this.d.log.warn('afterStop hook failed', { name: inst.name, extension: ext.name, error: (e as Error).message });
+      }
+    }
   }
 
   /** Create then (optionally) start, as one operation. */
@@ -275,6 +299,7 @@ export class InstanceService {
         this.cancelRestart(name);
         const after = (await this.load(name)).value;
         await this.driver(after.type).cleanup(after, this.paths(name));
+        for (const ext of this.extensions) if (ext.onDelete) await ext.onDelete(after);
         await this.records.delete(name);
         await rm(this.paths(name).dir, { recursive: true, force: true });
         this.d.events.publish('instance.deleted', { name });
@@ -292,15 +317,23 @@ export class InstanceService {
     const committed = await this.committed(name);
     checkCanCommit({ name, vcpus: config.vcpus, memoryMiB: config.memoryMiB }, committed, this.d.capacity(), this.d.overcommit);
     const driver = this.driver(cur.type);
-    const starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
-    await driver.check(starting);
+    let starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
     const paths = this.paths(name);
     await this.trimConsoleLog(paths.consoleLog);
-    ctx.progress(10, 'starting hypervisor');
+    const undo = new UndoStack(this.d.log);
     let handle: InstanceHandle;
     try {
+      await driver.check(starting);
+      for (const ext of this.extensions) {
+        if (!ext.beforeStart) continue;
+        starting = await ext.beforeStart(starting, undo);
+      }
+      if (this.extensions.some((e) => e.beforeStart)) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
+      ctx.progress(10, 'starting hypervisor');
       handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
+      undo.commit();
     } catch (e) {
+      await undo.unwind();
       const err = toHfError(e, 'HF_ERR_HYPERVISOR');
       await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined, lastExit: { at: new Date().toISOString(), reason: `start failed: ${err.message}`, clean: false } }));
       await driver.cleanup(starting, paths).catch(() => undefined);
@@ -384,6 +417,7 @@ export class InstanceService {
     const inst = rec.value;
     const decision = decideOnExit({ clean: exit.clean || requested, requestedStop: requested, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
     await this.driver(inst.type).cleanup(inst, this.paths(name)).catch(() => undefined);
+    await this.runAfterStop(inst);
     await this.setState(name, decision.state, (r) => ({
       ...r,
       runtime: undefined,
@@ -462,6 +496,7 @@ export class InstanceService {
   private async onExitOfLost(inst: Instance, wasStopping: boolean): Promise<void> {
     const decision = decideOnExit({ clean: wasStopping, requestedStop: wasStopping, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
     await this.driver(inst.type).cleanup(inst, this.paths(inst.name)).catch(() => undefined);
+    await this.runAfterStop(inst);
     await this.setState(inst.name, decision.state, (r) => ({
       ...r,
       runtime: undefined,

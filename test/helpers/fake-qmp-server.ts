@@ -118,7 +118,7 @@ export class FakeQmpServer {
   private readonly opts: FakeQmpServerOptions;
   private readonly tmpDir: string | undefined;
   private readonly started = Date.now();
-  private commandWaiters: Array<{ command: string; resolve: (c: ReceivedCommand) => void }> = [];
+  private commandWaiters: Array<{ command: string; nth: number; resolve: (c: ReceivedCommand) => void }> = [];
 
   private constructor(opts: FakeQmpServerOptions) {
     this.opts = opts;
@@ -180,9 +180,11 @@ export class FakeQmpServer {
     for (const c of this.conns) c.destroy();
   }
 
-  /** Resolves when the next command `command` arrives (or the earliest one already received but not yet awaited). */
-  waitForCommand(command: string): Promise<ReceivedCommand> {
-    return new Promise((resolve) => this.commandWaiters.push({ command, resolve }));
+  /** Resolves with the `nth` (1-based, default 1) `command` received since start, at once if it already arrived. */
+  waitForCommand(command: string, nth = 1): Promise<ReceivedCommand> {
+    const seen = this.received.filter((r) => r.command === command);
+    if (seen.length >= nth) return Promise.resolve(seen[nth - 1]!);
+    return new Promise((resolve) => this.commandWaiters.push({ command, nth, resolve }));
   }
 
   get connected(): number {
@@ -268,8 +270,12 @@ export class FakeQmpServer {
         const id = msg.id;
         const rec: ReceivedCommand = { command, ...(args ? { args } : {}), id, at: Date.now() - this.started };
         this.received.push(rec);
-        const wi = this.commandWaiters.findIndex((w) => w.command === command);
-        if (wi !== -1) this.commandWaiters.splice(wi, 1)[0]!.resolve(rec);
+        const count = this.received.filter((r) => r.command === command).length;
+        this.commandWaiters = this.commandWaiters.filter((w) => {
+          if (w.command !== command || w.nth !== count) return true;
+          w.resolve(rec);
+          return false;
+        });
         if (!negotiated && command !== 'qmp_capabilities') {
           void send({ id, error: { class: 'CommandNotFound', desc: "Expecting capabilities negotiation with 'qmp_capabilities'" } });
           continue;

@@ -86,12 +86,26 @@ export const createInstanceSchema = z
     name: nameSchema,
     type: z.enum(INSTANCE_TYPES).default('vm'),
     image: z.string().optional().describe('image to create the instance from (e.g. "tiny")'),
-    vcpus: z.number().int().min(1, { message: 'vcpus must be at least 1' }).max(512).default(1),
+    /** Whole vCPUs for a VM; a fraction of CPU time (e.g. 0.5) is allowed for a container. */
+    vcpus: z.number().positive({ message: 'vcpus must be at least 1 (or a positive fraction for a container)' }).max(512).default(1),
     maxVcpus: z.number().int().min(1).max(512).optional(),
     memory: memorySchema.default('256M'),
     maxMemory: memorySchema.optional(),
     disks: z.array(diskConfigSchema.partial({ format: true, media: true, readonly: true }).extend({ size: z.string().optional() })).default([]),
+    nics: z
+      .array(
+        z.object({
+          network: z.string().min(1),
+          name: nameSchema.optional(),
+          mac: z.string().optional(),
+          ip: z.string().optional(),
+        }).strict(),
+      )
+      .default([])
+      .describe('network interfaces: one per network to attach to'),
     boot: bootConfigSchema.optional(),
+    privileged: z.boolean().default(false).describe('containers: run without a user namespace (root is host root)'),
+    pidsLimit: z.number().int().min(1).optional().describe('containers: maximum number of processes'),
     accel: z.enum(ACCELS).default('auto'),
     devices: z.enum(DEVICE_MODELS).default('virtio'),
     restartPolicy: z.enum(RESTART_POLICIES).default('never'),
@@ -101,10 +115,11 @@ export const createInstanceSchema = z
   })
   .strict()
   .superRefine((v, ctx) => {
+    if (v.type === 'vm' && !Number.isInteger(v.vcpus)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['vcpus'], message: 'vcpus of a VM must be a whole number' });
     if (v.memory < 16) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['memory'], message: `memory must be at least 16 MiB (got ${v.memory} MiB)` });
     if (v.maxVcpus !== undefined && v.maxVcpus < v.vcpus) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['maxVcpus'], message: 'maxVcpus must be at least vcpus' });
     if (v.maxMemory !== undefined && v.maxMemory < v.memory) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['maxMemory'], message: 'maxMemory must be at least memory' });
-    if (!v.image && !v.boot) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['image'], message: 'give an image or a boot source' });
+    if (!v.image && !v.boot && v.type === 'vm') ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['image'], message: 'give an image or a boot source' });
   });
 export type CreateInstanceRequest = z.input<typeof createInstanceSchema>;
 export type CreateInstance = z.output<typeof createInstanceSchema>;
@@ -112,9 +127,10 @@ export type CreateInstance = z.output<typeof createInstanceSchema>;
 /** What a user may change on an existing instance: everything optional. */
 export const updateInstanceSchema = z
   .object({
-    vcpus: z.number().int().min(1, { message: 'vcpus must be at least 1' }).max(512),
+    vcpus: z.number().positive({ message: 'vcpus must be positive' }).max(512),
     maxVcpus: z.number().int().min(1).max(512),
     memory: memorySchema,
+    pidsLimit: z.number().int().min(1),
     maxMemory: memorySchema,
     accel: z.enum(ACCELS),
     devices: z.enum(DEVICE_MODELS),
@@ -128,7 +144,7 @@ export type UpdateInstanceRequest = z.input<typeof updateInstanceSchema>;
 export type UpdateInstance = z.output<typeof updateInstanceSchema>;
 
 export const instanceConfigSchema = z.object({
-  vcpus: z.number().int().min(1),
+  vcpus: z.number().positive(),
   maxVcpus: z.number().int().min(1).optional(),
   memoryMiB: z.number().int().min(16),
   maxMemoryMiB: z.number().int().optional(),
@@ -139,6 +155,10 @@ export const instanceConfigSchema = z.object({
   devices: z.enum(DEVICE_MODELS),
   restartPolicy: z.enum(RESTART_POLICIES),
   autostart: z.boolean(),
+  /** Containers: no user namespace. */
+  privileged: z.boolean().optional(),
+  /** Containers: process limit. */
+  pidsLimit: z.number().int().optional(),
 });
 export type InstanceConfig = z.infer<typeof instanceConfigSchema>;
 

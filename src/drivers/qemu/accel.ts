@@ -157,7 +157,14 @@ export async function runProbeGuest(
     const progressFile = path.join(dir, 'progress');
     await writeFile(firmware, probeFirmwareImage());
     const started = performance.now();
-    const child = spawn(qemuBinary, probeArgv(accel, firmware, progressFile), { stdio: ['ignore', 'ignore', 'pipe'] });
+    // coreutils `timeout` is a watchdog that outlives us: if the daemon dies mid-probe (SIGKILL),
+    // a hung KVM guest would otherwise spin forever as an orphan. Both run in their own process
+    // group so that our own kill at the deadline reaches QEMU too.
+    const watchdogSeconds = String(Math.ceil(deadlineMs / 1000) + 2);
+    const child = spawn('timeout', ['--signal=KILL', watchdogSeconds, qemuBinary, ...probeArgv(accel, firmware, progressFile)], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
+    });
     let stderr = '';
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (d: string) => {
@@ -182,7 +189,11 @@ export async function runProbeGuest(
     let exit: Exit | undefined = timedOut ? undefined : raced;
     if (timedOut) {
       // Always kill at the deadline, then wait for the exit so no process outlives the probe.
-      child.kill('SIGKILL');
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        child.kill('SIGKILL');
+      }
       let killTimer: NodeJS.Timeout | undefined;
       const gone: Exit | 'stuck' = await Promise.race([
         exited,
@@ -203,6 +214,12 @@ export async function runProbeGuest(
       progress,
       stderr: exit?.error ? exit.error.message : stderr.trim(),
     };
+    // `timeout` reports a QEMU it could not execute as 127 (missing) or 126 (not executable).
+    if ((run.exitCode === 127 || run.exitCode === 126) && /failed to run command/.test(run.stderr)) {
+      run.stderr = `spawn ${qemuBinary} ${run.exitCode === 127 ? 'ENOENT' : 'EACCES'}`;
+      run.exitCode = null;
+      run.outcome = 'failed';
+    }
     if (child.pid !== undefined) run.pid = child.pid;
     if (timedOut && exit === undefined) run.leaked = true;
     return run;

@@ -16,7 +16,7 @@ import { createGzip } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
 import { TINY_CMDLINE, TINY_DISK_MARKER, guestFiles } from './guest.js';
 import { modulesDep, selectModules, type WantedModule } from './modules.js';
-import { isStaticElf, missingDependency, requireTools, run } from './tools.js';
+import { isStaticElf, killTree, missingDependency, requireTools, run } from './tools.js';
 
 export { TINY_CMDLINE, TINY_DISK_MARKER, TINY_READY_MARKER } from './guest.js';
 
@@ -89,6 +89,8 @@ export async function buildTinyImage(opts: BuildTinyImageOptions): Promise<TinyI
 
   await mkdir(cacheDir, { recursive: true });
   await mkdir(dirname(destDir), { recursive: true });
+  await removeStale(dirname(destDir), `.${basename(destDir)}.tmp-`);
+  await removeStale(cacheDir, '.download-');
   const stage = await mkdtemp(join(dirname(destDir), `.${basename(destDir)}.tmp-`));
   const out = join(stage, 'image');
   const work = join(stage, 'work');
@@ -348,8 +350,9 @@ async function buildInitramfsTree(
 
   // The kernel opens /dev/console before running /init; creating the node needs root (the
   // builder normally is). Without it /init still works: it reopens stdio after mounting devtmpfs.
-  await run('mknod', ['-m', '600', join(root, 'dev/console'), 'c', '5', '1'], { signal, allowFail: true });
-  await run('mknod', ['-m', '666', join(root, 'dev/null'), 'c', '1', '3'], { signal, allowFail: true });
+  const mknod = (args: string[]) => run('mknod', args, { signal, allowFail: true }).catch(() => undefined);
+  await mknod(['-m', '600', join(root, 'dev/console'), 'c', '5', '1']);
+  await mknod(['-m', '666', join(root, 'dev/null'), 'c', '1', '3']);
 }
 
 async function listTree(root: string, rel = ''): Promise<string[]> {
@@ -365,10 +368,11 @@ async function listTree(root: string, rel = ''): Promise<string[]> {
 
 async function writeCpioGz(cpio: string, root: string, dest: string, signal?: AbortSignal): Promise<void> {
   const names = await listTree(root);
+  signal?.throwIfAborted();
   const child = spawn(cpio, ['--create', '--format=newc', '--null', '--owner=0:0', '--reproducible', '--quiet'], {
     cwd: root,
     stdio: ['pipe', 'pipe', 'pipe'],
-    signal,
+    detached: true,
   });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -378,11 +382,11 @@ async function writeCpioGz(cpio: string, root: string, dest: string, signal?: Ab
   });
   child.stdin.end(names.join('\0') + '\0');
   try {
-    await pipeline(child.stdout, createGzip({ level: 9 }), createWriteStream(dest), { signal });
+    await pipeline(child.stdout, createGzip({ level: 6 }), createWriteStream(dest), { signal });
     const code = await exited;
     if (code !== 0) throw new HfError('HF_ERR_INTERNAL', `cpio exited with ${code}: ${stderr.trim()}`);
   } catch (e) {
-    child.kill('SIGKILL');
+    killTree(child);
     await exited.catch(() => undefined);
     if (signal?.aborted) throw signal.reason;
     throw e;
@@ -405,21 +409,30 @@ async function sha256File(path: string): Promise<string> {
   return h.digest('hex');
 }
 
-/** Moves the finished image to destDir, replacing any previous one (old one is moved aside first). */
+/**
+ * Moves the finished image to destDir. A previous image is first moved aside into the stage dir
+ * (rename() cannot replace a non-empty dir); retried because a concurrent build may be doing the same.
+ */
 async function replaceDir(src: string, destDir: string, stage: string): Promise<void> {
-  try {
-    await rename(src, destDir);
-    return;
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw e;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await rename(src, destDir);
+      return;
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code !== 'ENOTEMPTY' && code !== 'EEXIST') || attempt >= 5) throw e;
+    }
+    await rename(destDir, join(stage, `old-${randomBytes(4).toString('hex')}`)).catch((e: NodeJS.ErrnoException) => {
+      if (e.code !== 'ENOENT') throw e;
+    });
   }
-  const old = join(stage, `old-${randomBytes(4).toString('hex')}`);
-  await rename(destDir, old);
-  try {
-    await rename(src, destDir);
-  } catch (e) {
-    await rename(old, destDir).catch(() => undefined);
-    throw e;
+}
+
+/** Removes temp dirs that crashed or killed builds left behind (anything older than an hour). */
+async function removeStale(dir: string, prefix: string): Promise<void> {
+  for (const f of await readdir(dir).catch(() => [] as string[])) {
+    if (!f.startsWith(prefix)) continue;
+    const s = await stat(join(dir, f)).catch(() => undefined);
+    if (s && Date.now() - s.mtimeMs > 3600_000) await rm(join(dir, f), { recursive: true, force: true }).catch(() => undefined);
   }
 }

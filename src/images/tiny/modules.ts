@@ -8,7 +8,7 @@ import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
-import { findTool, missingDependency } from './tools.js';
+import { findTool, killTree, missingDependency } from './tools.js';
 
 /** Module name as the kernel sees it: '-' and '_' are interchangeable. */
 export function modName(fileOrName: string): string {
@@ -91,12 +91,12 @@ async function readModule(abs: string, signal?: AbortSignal): Promise<Buffer> {
   const bin = await findTool(tool);
   if (!bin) throw missingDependency([tool], [tool === 'xz' ? 'xz-utils' : 'zstd'], `kernel modules are ${tool}-compressed`);
   return new Promise((resolve, reject) => {
-    const child = spawn(bin, ['-dc', abs], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(bin, ['-dc', abs], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     const chunks: Buffer[] = [];
     let err = '';
     child.stdout.on('data', (d: Buffer) => chunks.push(d));
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const onAbort = () => child.kill('SIGKILL');
+    const onAbort = () => killTree(child);
     signal?.addEventListener('abort', onAbort, { once: true });
     child.on('error', reject);
     child.on('close', (code) => {

@@ -2,7 +2,7 @@
 // which a non-login root shell may lack), a missing-tool error that names the exact apt-get
 // command, and a small abortable process runner.
 
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { constants as fsConstants } from 'node:fs';
 import { access, open } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
@@ -81,6 +81,16 @@ export async function isStaticElf(path: string): Promise<boolean> {
   }
 }
 
+/** SIGKILLs a child spawned with `detached: true` together with everything in its process group. */
+export function killTree(child: ChildProcess): void {
+  if (child.pid === undefined) return;
+  try {
+    process.kill(-child.pid, 'SIGKILL');
+  } catch {
+    child.kill('SIGKILL');
+  }
+}
+
 export interface RunResult {
   code: number;
   stdout: string;
@@ -104,12 +114,13 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
       cwd: opts.cwd,
       env: { ...process.env, LC_ALL: 'C', ...opts.env },
       stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
+      detached: true, // own process group, so an abort also stops grandchildren (dpkg -x runs dpkg-deb | tar)
     });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout!.on('data', (d: Buffer) => out.push(d));
     child.stderr!.on('data', (d: Buffer) => err.push(d));
-    const onAbort = () => child.kill('SIGKILL');
+    const onAbort = () => killTree(child);
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     if (opts.input !== undefined) child.stdin!.end(opts.input);
     child.on('error', (e) => {

@@ -69,6 +69,11 @@ export interface QmpConnectOptions {
    * `Date.now()`-style timestamp (any value >= 1e12 is taken as one). Default: no retry.
    */
   retryUntilMs?: number;
+  /**
+   * Gives up connecting (e.g. the QEMU process exited while we were retrying): connect()
+   * rejects with HF_ERR_QMP_DISCONNECTED, cause = signal.reason.
+   */
+  signal?: AbortSignal;
 }
 
 export interface QmpWaitOptions {
@@ -153,6 +158,8 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
   private seq = 0;
   private buf = '';
   private isClosed = false;
+  /** QEMU closed its end (EOF): nothing more will be answered even if 'close' has not fired yet. */
+  private remoteEnded = false;
   private closeRequested = false;
   private socketError: Error | undefined;
   private greetingMsg: QmpGreeting | undefined;
@@ -173,6 +180,9 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     socket.on('error', (e) => {
       this.socketError ??= e;
     });
+    socket.on('end', () => {
+      this.remoteEnded = true;
+    });
     socket.on('close', () => this.onClose());
   }
 
@@ -185,10 +195,14 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
   static async connect(socketPath: string, opts: QmpConnectOptions = {}): Promise<QmpClient> {
     const connectTimeoutMs = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const deadline = resolveDeadline(opts.retryUntilMs);
-    let delay = 5;
+    let delay = 2;
     let attempts = 0;
     let socket: net.Socket;
+    const { signal } = opts;
+    const aborted = (): HfError =>
+      new HfError('HF_ERR_QMP_DISCONNECTED', `connecting to QMP socket ${socketPath} was aborted`, { cause: signal?.reason, details: { socketPath, attempts } });
     for (;;) {
+      if (signal?.aborted) throw aborted();
       attempts++;
       try {
         socket = await openSocket(socketPath, connectTimeoutMs);
@@ -198,8 +212,16 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         const errno = errnoOf(e);
         const remaining = deadline - Date.now();
         if (errno !== undefined && RETRYABLE_CONNECT_ERRORS.has(errno) && remaining > 0) {
-          await new Promise((r) => setTimeout(r, Math.min(delay, remaining)));
-          delay = Math.min(delay * 2, 50);
+          await new Promise<void>((resolve) => {
+            const done = (): void => {
+              clearTimeout(timer);
+              signal?.removeEventListener('abort', done);
+              resolve();
+            };
+            const timer = setTimeout(done, Math.min(delay, remaining));
+            signal?.addEventListener('abort', done, { once: true });
+          });
+          delay = Math.min(delay * 2, 10);
           continue;
         }
         throw new HfError('HF_ERR_QMP_DISCONNECTED', `cannot connect to QMP socket ${socketPath}: ${e instanceof Error ? e.message : String(e)}`, {
@@ -209,11 +231,17 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       }
     }
     const client = new QmpClient(socketPath, socket, opts);
+    const onAbort = (): void => {
+      client.socket.destroy();
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
       await client.handshake(connectTimeoutMs);
     } catch (e) {
       client.socket.destroy();
-      throw e;
+      throw signal?.aborted ? aborted() : e;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
     return client;
   }
@@ -238,7 +266,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
    * (details: command, class, desc), HF_ERR_QMP_TIMEOUT or HF_ERR_QMP_DISCONNECTED.
    */
   run<T = unknown>(command: string, args?: object, opts: QmpRunOptions = {}): Promise<T> {
-    if (this.isClosed) {
+    if (this.isClosed || this.remoteEnded) {
       return Promise.reject(new HfError('HF_ERR_QMP_DISCONNECTED', `QMP ${command}: not connected to QEMU`, { details: { command, socketPath: this.socketPath } }));
     }
     const id = `hf-${++this.seq}`;
