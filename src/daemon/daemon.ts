@@ -14,7 +14,7 @@ import { QemuDriver } from '../drivers/qemu/driver.js';
 import type { InstanceType } from '../core/model/instance.js';
 import { EventBus } from '../services/events.js';
 import { bootId, describeHost, hostCapacity } from '../services/host.js';
-import { ImageService } from '../services/images.js';
+import { ImageService, tinyImageBuilder } from '../services/images.js';
 import { InstanceService } from '../services/instances.js';
 import { OperationManager } from '../services/operations.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
@@ -66,7 +66,8 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const drivers = new Map<InstanceType, InstanceDriver>();
   drivers.set('vm', new QemuDriver({ binary: config.qemuBinary, accelVerdict, log: log.child({ component: 'qemu' }) }));
 
-  const images = new ImageService(paths, operations);
+  const images = new ImageService(store, paths, operations);
+  images.registerBuilder(await tinyImageBuilder());
   const instances = new InstanceService({
     store,
     drivers,

@@ -1,6 +1,7 @@
 // The driver interface: the narrow seam between the platform and a virtualization backend.
 // QEMU (drivers/qemu) implements it for virtual machines; runc (drivers/container) for system
 // containers. Services never reach past it.
+import type { ImageRecord } from '../core/model/image.js';
 import type { DiskConfig, Instance, InstanceConfig, InstanceType, NicConfig, RuntimeInfo } from '../core/model/instance.js';
 
 /** Files a driver may use for one instance: all under the instance's own directory. */
@@ -104,6 +105,11 @@ export interface StartContext {
 
 export interface InstanceDriver {
   readonly type: InstanceType;
+  /**
+   * At create, after the instance directory exists: prepare what the instance needs from its
+   * image (a container's root filesystem…). The service removes the directory if create fails.
+   */
+  provision?(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance>;
   /** Checks that this host can run the instance (binary present, accelerator usable…). */
   check(instance: Instance): Promise<void>;
   /** Starts the instance and resolves once the hypervisor reports it running. */

@@ -1,95 +1,159 @@
-// Images: what an instance is created from. The built-in `tiny` image (Debian kernel + busybox
-// initramfs + a small data disk) is built on this host from Debian's packages.
-import { rm } from 'node:fs/promises';
-import { HfError } from '../core/errors.js';
-import type { BootConfig } from '../core/model/instance.js';
-import { buildTinyImage, readTinyManifest } from '../images/tiny/build.js';
-import type { DataPaths } from '../daemon/config.js';
-import type { Operation } from '../core/model/operation.js';
-import type { OperationManager } from './operations.js';
+// Images: what instances are created from. Each image is a record in the state store
+// (`/images/<name>`) plus its files in `<data>/images/<name>/`. Built-in images are produced by
+// registered builders (the `tiny` VM image from Debian's kernel and busybox; container images
+// from their own builders); imports and templates register records the same way.
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { HfError } from '../core/errors.js';
+import { nameSchema } from '../core/model/instance.js';
+import { imageRecordSchema, type ImageRecord } from '../core/model/image.js';
+import type { Operation } from '../core/model/operation.js';
+import type { DataPaths } from '../daemon/config.js';
+import { Collection } from '../state/collection.js';
+import type { StateStore } from '../state/store.js';
+import type { OperationContext, OperationManager } from './operations.js';
 
-export interface ImageRecord {
-  name: string;
-  type: 'vm' | 'container';
-  description: string;
-  builtin: boolean;
-  /** How instances made from this image boot. */
-  boot: BootConfig;
-  /** Disk template that instances get a linked clone (qcow2 overlay) of. */
-  disk?: { path: string; format: 'qcow2' | 'raw' };
-  sizeBytes: number;
-  createdAt: string;
-  details: Record<string, unknown>;
+export { imageRecordSchema, type ImageRecord } from '../core/model/image.js';
+
+/** Builds a built-in image into `destDir` (which it owns) and describes what it made. */
+export interface ImageBuilder {
+  readonly name: string;
+  readonly type: 'vm' | 'container';
+  readonly description: string;
+  build(opts: { destDir: string; cacheDir: string; progress: (percent: number, message: string) => void }): Promise<Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }>;
+  /** An image built by an earlier daemon (before records existed) or by tests: adopt it. */
+  adopt?(destDir: string): Promise<(Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }) | undefined>;
 }
 
-export const BUILTIN_IMAGES = ['tiny'] as const;
-
 export class ImageService {
-  private building: Promise<Operation> | undefined;
+  private readonly records: Collection<ImageRecord>;
+  private readonly builders = new Map<string, ImageBuilder>();
+  private readonly building = new Set<string>();
 
-  constructor(private readonly paths: DataPaths, private readonly operations: OperationManager) {}
+  constructor(store: StateStore, private readonly paths: DataPaths, private readonly operations: OperationManager) {
+    this.records = new Collection<ImageRecord>(store, '/images/', imageRecordSchema);
+  }
+
+  registerBuilder(b: ImageBuilder): void {
+    this.builders.set(b.name, b);
+  }
+
+  buildable(): string[] {
+    return [...this.builders.keys()];
+  }
+
+  /** The directory an image's files live in. */
+  dir(name: string): string {
+    return this.paths.image(name);
+  }
 
   async list(): Promise<ImageRecord[]> {
-    const out: ImageRecord[] = [];
-    for (const name of BUILTIN_IMAGES) {
-      const img = await this.find(name);
-      if (img) out.push(img);
-    }
-    return out;
+    await this.adoptAll();
+    return (await this.records.list()).map((v) => v.value);
   }
 
   async find(name: string): Promise<ImageRecord | undefined> {
-    if (name !== 'tiny') return undefined;
-    const dir = this.paths.image('tiny');
-    const m = await readTinyManifest(dir);
-    if (!m) return undefined;
-    return {
-      name: 'tiny',
-      type: 'vm',
-      description: `Debian kernel ${m.kernelVersion} with a busybox ${m.busyboxVersion} userland`,
-      builtin: true,
-      boot: { kind: 'kernel', kernel: join(dir, m.kernel), initrd: join(dir, m.initrd), cmdline: m.cmdline },
-      disk: { path: join(dir, m.disk), format: 'qcow2' },
-      sizeBytes: m.sizeBytes,
-      createdAt: m.builtAt,
-      details: { kernelVersion: m.kernelVersion, busyboxVersion: m.busyboxVersion, sha256: m.sha256 },
-    };
+    if (!nameSchema.safeParse(name).success) return undefined;
+    const rec = (await this.records.get(name))?.value;
+    if (rec) return rec;
+    return this.adopt(name);
   }
 
   async get(name: string): Promise<ImageRecord> {
+    if (!nameSchema.safeParse(name).success) {
+      throw new HfError('HF_ERR_INVALID_NAME', `"${name}" is not a valid image name`);
+    }
     const img = await this.find(name);
     if (img) return img;
-    if ((BUILTIN_IMAGES as readonly string[]).includes(name)) {
+    if (this.builders.has(name)) {
       throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `image "${name}" is not built yet: run \`hyperfold image build ${name}\``);
     }
-    throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `image "${name}" not found (built-in images: ${BUILTIN_IMAGES.join(', ')})`);
+    throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `image "${name}" not found (buildable: ${this.buildable().join(', ') || 'none'})`);
   }
 
-  /** Builds (or rebuilds) a built-in image as an operation. One build at a time. */
+  /** Registers an image whose files are already in `dir(name)` (imports, templates). */
+  async register(rec: ImageRecord): Promise<ImageRecord> {
+    return (await this.records.create(rec.name, rec)).value;
+  }
+
+  async update(name: string, fn: (r: ImageRecord) => ImageRecord): Promise<ImageRecord> {
+    return (await this.records.update(name, fn)).value;
+  }
+
+  /** Builds (or rebuilds) a built-in image as an operation. One build per image at a time. */
   async build(name: string): Promise<Operation> {
-    if (!(BUILTIN_IMAGES as readonly string[]).includes(name)) {
-      throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `no recipe to build image "${name}" (buildable: ${BUILTIN_IMAGES.join(', ')})`);
-    }
-    if (this.building) throw new HfError('HF_ERR_BUSY', `an image build is already running`);
-    const op = this.operations.start('image.build', { kind: 'image', name }, async (ctx) => {
+    const b = this.builders.get(name);
+    if (!b) throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `no recipe to build image "${name}" (buildable: ${this.buildable().join(', ')})`);
+    if (this.building.has(name)) throw new HfError('HF_ERR_BUSY', `image "${name}" is already being built`);
+    this.building.add(name);
+    return this.operations.start('image.build', { kind: 'image', name }, async (ctx: OperationContext) => {
       try {
-        const m = await buildTinyImage({
-          destDir: this.paths.image(name),
-          cacheDir: this.paths.cacheDir,
-          onProgress: (p, msg) => ctx.progress(p, msg),
-        });
-        return { name, kernelVersion: m.kernelVersion, sizeBytes: m.sizeBytes };
+        await mkdir(this.paths.imagesDir, { recursive: true });
+        const made = await b.build({ destDir: this.dir(name), cacheDir: this.paths.cacheDir, progress: (p, m) => ctx.progress(p, m) });
+        const rec: ImageRecord = { ...made, name, type: b.type, source: 'builtin', createdAt: made.createdAt ?? new Date().toISOString() };
+        await this.records.delete(name);
+        await this.records.create(name, imageRecordSchema.parse(rec));
+        return { name, sizeBytes: rec.sizeBytes };
       } finally {
-        this.building = undefined;
+        this.building.delete(name);
       }
     });
-    this.building = op;
-    return op;
   }
 
-  async delete(name: string): Promise<void> {
+  /**
+   * Deletes an image. `inUse` lists what still depends on it (linked clones…); when it is not
+   * empty the delete is refused and the error names them.
+   */
+  async delete(name: string, inUse: string[] = []): Promise<void> {
     await this.get(name);
-    await rm(this.paths.image(name), { recursive: true, force: true });
+    if (inUse.length) {
+      throw new HfError('HF_ERR_CONFLICT', `image "${name}" is used by ${inUse.join(', ')}: delete those first`, { details: { usedBy: inUse } });
+    }
+    await this.records.delete(name);
+    await rm(this.dir(name), { recursive: true, force: true });
   }
+
+  private async adopt(name: string): Promise<ImageRecord | undefined> {
+    const b = this.builders.get(name);
+    if (!b?.adopt) return undefined;
+    const made = await b.adopt(this.dir(name));
+    if (!made) return undefined;
+    const rec: ImageRecord = imageRecordSchema.parse({ ...made, name, type: b.type, source: 'builtin', createdAt: made.createdAt ?? new Date().toISOString() });
+    try {
+      await this.records.create(name, rec);
+    } catch {
+      // adopted concurrently: fine
+    }
+    return rec;
+  }
+
+  private async adoptAll(): Promise<void> {
+    for (const name of this.builders.keys()) if (!(await this.records.get(name))) await this.adopt(name);
+  }
+}
+
+/** The built-in `tiny` VM image: Debian's kernel, a busybox initramfs and a small data disk. */
+export async function tinyImageBuilder(): Promise<ImageBuilder> {
+  const { buildTinyImage, readTinyManifest } = await import('../images/tiny/build.js');
+  type Manifest = NonNullable<Awaited<ReturnType<typeof readTinyManifest>>>;
+  const describe = (dir: string, m: Manifest) => ({
+    description: `Debian kernel ${m.kernelVersion} with a busybox ${m.busyboxVersion} userland`,
+    boot: { kind: 'kernel' as const, kernel: join(dir, m.kernel), initrd: join(dir, m.initrd), cmdline: m.cmdline },
+    disk: { path: join(dir, m.disk), format: 'qcow2' as const },
+    defaults: {},
+    sizeBytes: m.sizeBytes,
+    sha256: m.sha256,
+    createdAt: m.builtAt,
+    details: { kernelVersion: m.kernelVersion, busyboxVersion: m.busyboxVersion },
+  });
+  return {
+    name: 'tiny',
+    type: 'vm',
+    description: 'Debian kernel with a busybox userland',
+    build: async ({ destDir, cacheDir, progress }) => describe(destDir, await buildTinyImage({ destDir, cacheDir, onProgress: progress })),
+    adopt: async (destDir) => {
+      const m = await readTinyManifest(destDir);
+      return m ? describe(destDir, m) : undefined;
+    },
+  };
 }

@@ -129,6 +129,7 @@ export class InstanceService {
           createdAt: now,
           updatedAt: now,
         };
+        if (driver.provision) inst = await driver.provision(inst, req.image ? await this.d.images.get(req.image) : undefined, paths);
         for (const ext of this.extensions) if (ext.onCreate) inst = await ext.onCreate(req, inst, undo);
         if (req.nics.length > 0 && inst.config.nics.length === 0) {
           throw new HfError('HF_ERR_UNSUPPORTED', 'networking is not available on this host: cannot attach NICs');
@@ -170,7 +171,9 @@ export class InstanceService {
       }
       disks.push({ name: d.name, path, format: d.format ?? 'qcow2', media: d.media ?? 'disk', bus: d.bus, readonly: d.readonly ?? d.media === 'cdrom', volume: d.volume });
     }
-    if (!boot) throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
+    if (!boot && req.type === 'vm') throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
+    // Containers boot their image's init; the boot field is unused for them.
+    boot ??= { kind: 'disk', firmware: 'bios' };
     return {
       vcpus: req.vcpus,
       maxVcpus: req.maxVcpus,
@@ -562,6 +565,29 @@ export class InstanceService {
   /** Trims every running instance's console log; called periodically by the daemon. */
   async trimConsoleLogs(): Promise<void> {
     for (const name of this.handles.keys()) await this.trimConsoleLog(this.paths(name).consoleLog).catch(() => undefined);
+  }
+
+  // ---- for other services (network, storage, live changes) -------------------------------------
+
+  /**
+   * Runs `fn` under the instance's lock with its current record and live handle (if running).
+   * Other services use this to change an instance's config and the running guest together.
+   */
+  async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>): Promise<T> {
+    await this.load(name);
+    return this.locks.run(name, what, async () => fn((await this.load(name)).value, this.handles.get(name)));
+  }
+
+  /** Compare-and-swap update of an instance record (call inside withInstance). */
+  async patch(name: string, fn: (r: Instance) => Instance): Promise<Instance> {
+    const v = await this.records.update(name, (r) => ({ ...fn(r), updatedAt: new Date().toISOString() }));
+    this.d.events.publish('instance.updated', { name });
+    return v.value;
+  }
+
+  /** Whether the instance's lock is held, and by what ("busy" errors name it). */
+  busyWith(name: string): string | undefined {
+    return this.locks.holder(name);
   }
 
   // ---- internals ---------------------------------------------------------------------------------

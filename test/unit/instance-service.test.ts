@@ -37,7 +37,7 @@ async function world(dir: string, store: SqliteStateStore, driver = new FakeDriv
   const ops = new OperationManager(store, events, 'h1', silentLogger);
   await ops.recover();
   const paths = new DataPaths(dir);
-  const images = new ImageService(paths, ops);
+  const images = new ImageService(store, paths, ops);
   const svc = new InstanceService({
     store,
     drivers: new Map([['vm', driver]]),

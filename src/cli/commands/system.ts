@@ -79,7 +79,7 @@ export function registerSystemCommands(ctx: CliContext): void {
     .option('--format <fmt>', 'table or json', 'table')
     .action(async (o: { format: string }) => {
       const { images } = await ctx.client().request<{ images: ImageRecord[] }>('GET', '/api/v1/images');
-      ctx.print(images, o.format, () => table(['NAME', 'TYPE', 'SIZE', 'CREATED', 'DESCRIPTION'], images.map((i) => [i.name, i.type, formatMiB(Math.round(i.sizeBytes / 1048576)), i.createdAt, i.description])));
+      ctx.print(images, o.format, () => table(['NAME', 'TYPE', 'SOURCE', 'SIZE', 'CREATED', 'DESCRIPTION'], images.map((i) => [i.name, i.type, i.source, formatMiB(Math.round(i.sizeBytes / 1048576)), i.createdAt, i.description])));
     });
   image
     .command('info <name>')
