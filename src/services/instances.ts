@@ -83,6 +83,18 @@ export class InstanceService {
     return (await this.load(name)).value;
   }
 
+  /** What the hypervisor reports about a running instance right now (balloon, cgroup usage…). */
+  async liveInfo(name: string): Promise<Record<string, unknown> | undefined> {
+    await this.load(name);
+    const h = this.handles.get(name);
+    if (!h?.liveInfo) return undefined;
+    try {
+      return await h.liveInfo();
+    } catch (e) {
+      return { error: (e as Error).message };
+    }
+  }
+
   paths(name: string): InstancePaths {
     const dir = join(this.d.instancesDir, name);
     return { dir, consoleLog: join(dir, 'console.log') };
@@ -217,8 +229,10 @@ export class InstanceService {
 
   // ---- update --------------------------------------------------------------------------------
 
-  async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[] }> {
+  async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[]; notes: string[] }> {
     const patch = parseInput(updateInstanceSchema, body);
+    const busy = this.locks.holder(name);
+    if (busy) throw new HfError('HF_ERR_BUSY', `instance "${name}" is busy (${busy} in progress): try again when it is done`, { details: { busyWith: busy } });
     return this.locks.run(name, 'update', async () => {
       const cur = (await this.load(name)).value;
       checkAction(name, cur.state, 'update');
@@ -227,16 +241,28 @@ export class InstanceService {
       if (patch.maxVcpus !== undefined) next.maxVcpus = patch.maxVcpus;
       if (patch.memory !== undefined) next.memoryMiB = patch.memory;
       if (patch.maxMemory !== undefined) next.maxMemoryMiB = patch.maxMemory;
+      if (patch.pidsLimit !== undefined) next.pidsLimit = patch.pidsLimit;
       if (patch.accel !== undefined) next.accel = patch.accel;
       if (patch.devices !== undefined) next.devices = patch.devices;
+      if (cur.type === 'vm' && next.vcpus !== undefined && !Number.isInteger(next.vcpus)) throw new HfError('HF_ERR_VALIDATION', 'vcpus of a VM must be a whole number');
+      if (next.memoryMiB !== undefined && next.memoryMiB < 16) throw new HfError('HF_ERR_VALIDATION', `memory must be at least 16 MiB (got ${next.memoryMiB} MiB)`);
       const merged = { ...cur.config, ...cur.pending, ...next };
       if (merged.maxVcpus !== undefined && merged.maxVcpus < merged.vcpus) throw new HfError('HF_ERR_VALIDATION', `vcpus (${merged.vcpus}) above maxVcpus (${merged.maxVcpus})`);
       if (merged.maxMemoryMiB !== undefined && merged.maxMemoryMiB < merged.memoryMiB) throw new HfError('HF_ERR_VALIDATION', `memory (${merged.memoryMiB} MiB) above maxMemory (${merged.maxMemoryMiB} MiB)`);
       checkFitsHost({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, this.d.capacity());
 
+      const running = isActive(cur.state);
+      const handle = this.handles.get(name);
+      let live: { applied: string[]; pending: string[]; notes: string[] } = { applied: [], pending: [], notes: [] };
+      if (running && Object.keys(next).length > 0) {
+        // Growing a running instance commits more of the host now.
+        checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.committed(name), this.d.capacity(), this.d.overcommit);
+        if (handle?.applyLive) live = await handle.applyLive(next, cur.config);
+        else live = { applied: [], pending: Object.keys(next), notes: [`${cur.type} driver applies changes at the next start`] };
+      }
+
       const applied: string[] = [];
       const pending: string[] = [];
-      const running = isActive(cur.state);
       const updated = await this.records.update(name, (r) => {
         const out: Instance = { ...r, config: { ...r.config }, pending: { ...r.pending }, updatedAt: new Date().toISOString() };
         // Policies and metadata apply at once, whatever the state.
@@ -244,18 +270,19 @@ export class InstanceService {
         if (patch.autostart !== undefined) { out.config.autostart = patch.autostart; applied.push('autostart'); }
         if (patch.description !== undefined) { out.description = patch.description; applied.push('description'); }
         for (const [k, v] of Object.entries(next) as Array<[keyof InstanceConfig, unknown]>) {
-          if (running) {
+          if (running && !live.applied.includes(k)) {
             (out.pending as Record<string, unknown>)[k] = v;
             pending.push(k);
           } else {
             (out.config as Record<string, unknown>)[k] = v;
+            delete (out.pending as Record<string, unknown>)[k];
             applied.push(k);
           }
         }
         return out;
       });
       this.d.events.publish('instance.updated', { name, applied, pending });
-      return { instance: updated.value, applied, pending };
+      return { instance: updated.value, applied, pending, notes: live.notes };
     });
   }
 

@@ -47,7 +47,11 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
     tag: 'instances',
     params: nameParams,
     responses: { 200: '{ instance }' },
-    handler: async ({ params }) => ({ instance: await svc.instances.get(params.name) }),
+    handler: async ({ params }) => {
+      const instance = await svc.instances.get(params.name);
+      const live = await svc.instances.liveInfo(params.name);
+      return live ? { instance, live } : { instance };
+    },
   });
 
   t.add<unknown, unknown, { name: string }>({
@@ -57,7 +61,7 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
     tag: 'instances',
     params: nameParams,
     body: updateInstanceSchema,
-    responses: { 200: '{ instance, applied: string[], pending: string[] }' },
+    responses: { 200: '{ instance, applied: string[], pending: string[], notes: string[] }' },
     handler: async ({ params, raw }) => svc.instances.update(params.name, raw.body),
   });
 

@@ -150,6 +150,43 @@ export function registerInstanceCommands(ctx: CliContext): void {
     });
   }
   
+  const config = ctx.program.command('config').description("an instance's configuration");
+  config
+    .command('set <name> <settings...>')
+    .description('change settings, e.g. `config set web1 memory=1G cpus=2`; what cannot apply live is kept until the next start')
+    .action(async (name: string, settings: string[]) => {
+      const body: Record<string, unknown> = {};
+      const keys: Record<string, string> = {
+        cpus: 'vcpus', vcpus: 'vcpus', 'max-cpus': 'maxVcpus', memory: 'memory', 'max-memory': 'maxMemory',
+        pids: 'pidsLimit', 'restart-policy': 'restartPolicy', autostart: 'autostart', description: 'description', accel: 'accel', devices: 'devices',
+      };
+      for (const s of settings) {
+        const i = s.indexOf('=');
+        if (i <= 0) throw new ApiError(400, 'HF_ERR_VALIDATION', `"${s}" is not key=value`);
+        const k = s.slice(0, i);
+        const v = s.slice(i + 1);
+        const field = keys[k];
+        if (!field) throw new ApiError(400, 'HF_ERR_VALIDATION', `unknown setting "${k}" (known: ${Object.keys(keys).join(', ')})`);
+        if (field === 'vcpus' || field === 'maxVcpus' || field === 'pidsLimit') {
+          const n = Number(v);
+          if (!Number.isFinite(n)) throw new ApiError(400, 'HF_ERR_VALIDATION', `${k}: "${v}" is not a number`);
+          body[field] = n;
+        } else if (field === 'autostart') body[field] = v === 'true' || v === '1' || v === 'yes';
+        else body[field] = v;
+      }
+      const r = await ctx.client().request<{ applied: string[]; pending: string[]; notes: string[] }>('PATCH', `/api/v1/instances/${name}`, body);
+      if (r.applied.length) console.log(`applied now: ${r.applied.join(', ')}`);
+      if (r.pending.length) console.log(`applies at next boot: ${r.pending.join(', ')}`);
+      for (const n of r.notes ?? []) console.log(`note: ${n}`);
+    });
+  config
+    .command('show <name>')
+    .description('the configuration as JSON (with pending changes and live details)')
+    .action(async (name: string) => {
+      const r = await ctx.client().request<{ instance: Instance; live?: unknown }>('GET', `/api/v1/instances/${name}`);
+      console.log(JSON.stringify({ config: r.instance.config, pending: r.instance.pending, live: r.live }, null, 2));
+    });
+
   ctx.program
     .command('delete <names...>')
     .alias('rm')

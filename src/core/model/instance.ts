@@ -159,6 +159,11 @@ export const instanceConfigSchema = z.object({
   privileged: z.boolean().optional(),
   /** Containers: process limit. */
   pidsLimit: z.number().int().optional(),
+  /**
+   * Containers: path of a network namespace prepared by the network layer (in its beforeStart
+   * hook) that the container joins; absent means a fresh namespace with loopback only.
+   */
+  netns: z.string().optional(),
 });
 export type InstanceConfig = z.infer<typeof instanceConfigSchema>;
 
