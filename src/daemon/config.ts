@@ -34,7 +34,7 @@ export function defaultConfig(overrides: Partial<DaemonConfig> = {}): DaemonConf
     qemuBinary: env.HYPERFOLD_QEMU ?? 'qemu-system-x86_64',
     qemuImgBinary: env.HYPERFOLD_QEMU_IMG ?? 'qemu-img',
     overcommit: {
-      cpu: Number(env.HYPERFOLD_CPU_OVERCOMMIT ?? 4),
+      cpu: Number(env.HYPERFOLD_CPU_OVERCOMMIT ?? 8),
       memory: Number(env.HYPERFOLD_MEMORY_OVERCOMMIT ?? 1),
     },
     stopTimeoutMs: Number(env.HYPERFOLD_STOP_TIMEOUT_MS ?? 30_000),

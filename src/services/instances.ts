@@ -2,6 +2,7 @@
 // checks state and resources, runs the driver, records state in the store and publishes events.
 // Route handlers only translate HTTP to calls here.
 import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import { mkdir, rm, stat, open, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HfError, isHfError, toHfError } from '../core/errors.js';
@@ -339,6 +340,9 @@ export class InstanceService {
   }
 
   private async doStart(name: string, ctx: OperationContext): Promise<{ state: InstanceState }> {
+    const t0 = performance.now();
+    const marks: Record<string, number> = {};
+    const mark = (what: string) => (marks[what] = Math.round((performance.now() - t0) * 10) / 10);
     const cur = (await this.load(name)).value;
     checkAction(name, cur.state, 'start');
     this.cancelRestart(name);
@@ -347,9 +351,11 @@ export class InstanceService {
     const committed = await this.committed(name);
     checkCanCommit({ name, vcpus: config.vcpus, memoryMiB: config.memoryMiB }, committed, this.d.capacity(), this.d.overcommit);
     const driver = this.driver(cur.type);
+    mark('admitted');
     let starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
     const paths = this.paths(name);
     await this.trimConsoleLog(paths.consoleLog);
+    mark('recorded');
     const undo = new UndoStack(this.d.log);
     let handle: InstanceHandle;
     try {
@@ -359,8 +365,10 @@ export class InstanceService {
         starting = await ext.beforeStart(starting, undo);
       }
       if (this.extensions.some((e) => e.beforeStart)) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
+      mark('checked');
       ctx.progress(10, 'starting hypervisor');
       handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
+      mark('running');
       undo.commit();
     } catch (e) {
       await undo.unwind();
@@ -371,7 +379,8 @@ export class InstanceService {
     }
     await this.setState(name, 'running', (r) => ({ ...r, runtime: handle.runtime }));
     this.supervise(name, handle);
-    this.d.log.info('instance started', { name, pid: handle.runtime.pid, accel: handle.runtime.accel });
+    mark('done');
+    this.d.log.info('instance started', { name, pid: handle.runtime.pid, accel: handle.runtime.accel, ms: marks });
     return { state: 'running' };
   }
 
