@@ -499,7 +499,7 @@ export class InstanceService {
     for (const inst of await this.list()) {
       if (inst.host !== this.d.hostName) continue;
       if (this.handles.has(inst.name)) continue;
-      if (isActive(inst.state) && inst.runtime) {
+      if (isActive(inst.state)) {
         const driver = this.driver(inst.type);
         let handle: InstanceHandle | null = null;
         try {

@@ -1,7 +1,8 @@
 // The QEMU driver: virtual machines behind the InstanceDriver interface. It joins the pure
 // argv builder, the accelerator verdict, process supervision and QMP; it keeps no state of its
 // own beyond what each handle holds, so a restarted daemon re-attaches from the instance record.
-import { copyFile, mkdir, rm, stat } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { isProcessAlive, waitForProcessExit } from '../../util/proc.js';
 import net from 'node:net';
 import { join } from 'node:path';
 import { HfError } from '../../core/errors.js';
@@ -134,8 +135,13 @@ export class QemuDriver implements InstanceDriver {
 
   async attach(instance: Instance, ctx: StartContext): Promise<InstanceHandle | null> {
     const rt = instance.runtime;
-    if (!rt) return null;
     const f = files(ctx.paths, this.sockDir(instance));
+    if (!rt) {
+      // The daemon died between spawning QEMU and recording it: a half-started guest nobody
+      // tracks. Find it by its pid file (checking it is really this instance's QEMU) and stop it.
+      await killStray(f.pidFile, instance.id);
+      return null;
+    }
     const qmpSocket = typeof rt.details.qmpSocket === 'string' ? rt.details.qmpSocket : f.qmpSocket;
     const consoleSocket = typeof rt.details.consoleSocket === 'string' ? rt.details.consoleSocket : f.consoleSocket;
     const proc = await QemuProcess.attach(rt.pid, rt.pidStartTime, qmpSocket, new QmpLog({ file: f.qmpLog }));
@@ -151,6 +157,19 @@ export class QemuDriver implements InstanceDriver {
   private sockDir(instance: Instance): string {
     return join(this.opts.runDir ?? DEFAULT_RUN_DIR, instance.id);
   }
+}
+
+async function killStray(pidFile: string, instanceId: string): Promise<void> {
+  const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+  if (!(pid > 0) || !isProcessAlive(pid)) return;
+  const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+  if (!cmdline.includes(instanceId)) return;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return;
+  }
+  await waitForProcessExit(pid, undefined, 5000);
 }
 
 /** A running VM: lifecycle through QMP, exit through QemuProcess, console through a hub. */
