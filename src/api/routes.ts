@@ -17,6 +17,8 @@ export interface RouteSpec<B = unknown, Q = unknown, P = unknown> {
   params?: ZodTypeAny;
   /** Status codes this route answers with on success, and what they carry. */
   responses: Record<number, string>;
+  /** Documented here but served by a streaming handler registered elsewhere (SSE, websocket). */
+  docOnly?: boolean;
   handler: (req: { body: B; query: Q; params: P; raw: FastifyRequest }, reply: FastifyReply) => Promise<unknown>;
 }
 
@@ -29,6 +31,7 @@ export class RouteTable {
 
   register(app: FastifyInstance): void {
     for (const r of this.routes) {
+      if (r.docOnly) continue;
       app.route({
         method: r.method,
         url: r.url,

@@ -3,6 +3,7 @@
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
 import websocket from '@fastify/websocket';
 import { timingSafeEqual } from 'node:crypto';
+import { z } from 'zod';
 import { HfError, toHfError } from '../core/errors.js';
 import type { Logger } from '../util/log.js';
 import { buildOpenApi } from './openapi.js';
@@ -22,6 +23,25 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
   const table = new RouteTable();
   registerInstanceRoutes(table, svc);
   registerSystemRoutes(table, svc);
+  table.add({
+    method: 'GET',
+    url: '/api/v1/events',
+    summary: 'Live event stream (server-sent events): instance.state, instance.crashed, operation, …; ?since=SEQ replays recent events, ?types=a,b filters',
+    tag: 'events',
+    query: z.object({ since: z.coerce.number().int().optional(), types: z.string().optional() }),
+    responses: { 200: 'text/event-stream' },
+    docOnly: true,
+    handler: async () => undefined,
+  });
+  table.add({
+    method: 'GET',
+    url: '/api/v1/instances/:name/console',
+    summary: 'Interactive console (websocket upgrade): binary frames both ways',
+    tag: 'instances',
+    responses: { 101: 'switching protocols to a websocket' },
+    docOnly: true,
+    handler: async () => undefined,
+  });
   const openapi = buildOpenApi(table, version);
   table.add({
     method: 'GET',
