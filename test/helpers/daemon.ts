@@ -1,5 +1,6 @@
 // Runs a real daemon as a child process (so tests can SIGKILL it) on a fresh data directory.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { after, before } from 'node:test';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -133,4 +134,20 @@ export async function waitForState(api: ApiClient, name: string, state: string, 
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`${name} did not reach ${state} within ${timeoutMs} ms (is ${inst?.state})`);
+}
+
+/**
+ * A daemon for one describe() block: started in before(), torn down (guests killed, data dir
+ * removed) in after(). Tests may replace `ctx.d` after restarting the daemon.
+ */
+export function useTestDaemon(env: NodeJS.ProcessEnv = {}): { dataDir: string; d: TestDaemon } {
+  const ctx = {} as { dataDir: string; d: TestDaemon };
+  before(async () => {
+    ctx.dataDir = await makeDataDir();
+    ctx.d = await startTestDaemon(ctx.dataDir, env);
+  });
+  after(async () => {
+    if (ctx.dataDir) await destroyDataDir(ctx.dataDir, ctx.d);
+  });
+  return ctx;
 }

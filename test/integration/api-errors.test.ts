@@ -1,6 +1,6 @@
 // Bad input and faults against a real daemon: each gets a clear error with a stable code, and
 // nothing is left half-created.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApiClient, ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
-import { CLI, destroyDataDir, makeDataDir, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, destroyDataDir, makeDataDir, op, startTestDaemon, useTestDaemon } from '../helpers/daemon.js';
 
 function code(c: string, status?: number) {
   return (e: unknown) => {
@@ -21,22 +21,13 @@ function code(c: string, status?: number) {
 }
 
 describe('API errors', () => {
-  let dataDir: string;
-  let d: TestDaemon;
+  const t = useTestDaemon();
 
-  before(async () => {
-    dataDir = await makeDataDir();
-    d = await startTestDaemon(dataDir);
-  });
-  after(async () => {
-    await destroyDataDir(dataDir, d);
-  });
-
-  const create = (body: Record<string, unknown>) => d.http.request('POST', '/api/v1/instances', body);
+  const create = (body: Record<string, unknown>) => t.d.http.request('POST', '/api/v1/instances', body);
 
   it('unknown instance → 404 HF_ERR_INSTANCE_NOT_FOUND', async () => {
-    await assert.rejects(d.http.request('GET', '/api/v1/instances/nope'), code('HF_ERR_INSTANCE_NOT_FOUND', 404));
-    await assert.rejects(d.http.request('POST', '/api/v1/instances/nope/start', {}), code('HF_ERR_INSTANCE_NOT_FOUND', 404));
+    await assert.rejects(t.d.http.request('GET', '/api/v1/instances/nope'), code('HF_ERR_INSTANCE_NOT_FOUND', 404));
+    await assert.rejects(t.d.http.request('POST', '/api/v1/instances/nope/start', {}), code('HF_ERR_INSTANCE_NOT_FOUND', 404));
   });
 
   it('invalid names → 400 HF_ERR_INVALID_NAME', async () => {
@@ -57,31 +48,31 @@ describe('API errors', () => {
   it('memory above the host and more vCPUs than the host → 422 HF_ERR_INSUFFICIENT_RESOURCES', async () => {
     await assert.rejects(create({ name: 'big', image: 'tiny', memory: '100T' }), code('HF_ERR_INSUFFICIENT_RESOURCES', 422));
     await assert.rejects(create({ name: 'big', image: 'tiny', vcpus: 500 }), code('HF_ERR_INSUFFICIENT_RESOURCES', 422));
-    assert.equal(existsSync(join(dataDir, 'instances', 'big')), false, 'nothing half-created');
+    assert.equal(existsSync(join(t.dataDir, 'instances', 'big')), false, 'nothing half-created');
   });
 
   it('duplicate name → 409 HF_ERR_ALREADY_EXISTS, the first one intact', async () => {
     const first = (await create({ name: 'dup', image: 'tiny' })) as { instance: Instance };
     await assert.rejects(create({ name: 'dup', image: 'tiny', memory: '512M' }), code('HF_ERR_ALREADY_EXISTS', 409));
-    const { instance } = await d.http.request<{ instance: Instance }>('GET', '/api/v1/instances/dup');
+    const { instance } = await t.d.http.request<{ instance: Instance }>('GET', '/api/v1/instances/dup');
     assert.equal(instance.id, first.instance.id);
     assert.equal(instance.config.memoryMiB, 256);
-    assert.equal((await op(d.http, 'DELETE', '/api/v1/instances/dup')).status, 'success');
+    assert.equal((await op(t.d.http, 'DELETE', '/api/v1/instances/dup')).status, 'success');
   });
 
   it('unknown image → 404 HF_ERR_IMAGE_NOT_FOUND with nothing created', async () => {
     await assert.rejects(create({ name: 'noimg', image: 'nosuchimage' }), code('HF_ERR_IMAGE_NOT_FOUND', 404));
-    assert.equal(existsSync(join(dataDir, 'instances', 'noimg')), false);
-    const { instances } = await d.http.request<{ instances: Instance[] }>('GET', '/api/v1/instances');
+    assert.equal(existsSync(join(t.dataDir, 'instances', 'noimg')), false);
+    const { instances } = await t.d.http.request<{ instances: Instance[] }>('GET', '/api/v1/instances');
     assert.equal(instances.some((i) => i.name === 'noimg'), false);
   });
 
   it('malformed JSON → 400 HF_ERR_BAD_JSON', async () => {
     const http = await import('node:http');
-    const u = new URL(d.url);
+    const u = new URL(t.d.url);
     const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
       const req = http.request(
-        { host: u.hostname, port: u.port, path: '/api/v1/instances', method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${d.token}` } },
+        { host: u.hostname, port: u.port, path: '/api/v1/instances', method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${t.d.token}` } },
         (r) => {
           let body = '';
           r.on('data', (c) => (body += c));
@@ -100,16 +91,16 @@ describe('API errors', () => {
   });
 
   it('missing token and wrong token → 401 HF_ERR_UNAUTHORIZED', async () => {
-    await assert.rejects(new ApiClient({ url: d.url, token: '' }).request('GET', '/api/v1/instances'), code('HF_ERR_UNAUTHORIZED', 401));
-    await assert.rejects(new ApiClient({ url: d.url, token: 'x'.repeat(32) }).request('GET', '/api/v1/instances'), code('HF_ERR_UNAUTHORIZED', 401));
+    await assert.rejects(new ApiClient({ url: t.d.url, token: '' }).request('GET', '/api/v1/instances'), code('HF_ERR_UNAUTHORIZED', 401));
+    await assert.rejects(new ApiClient({ url: t.d.url, token: 'x'.repeat(32) }).request('GET', '/api/v1/instances'), code('HF_ERR_UNAUTHORIZED', 401));
     // The unix socket is root-only and needs no token.
-    const st = (await import('node:fs')).statSync(join(dataDir, 'hyperfold.sock'));
+    const st = (await import('node:fs')).statSync(join(t.dataDir, 'hyperfold.sock'));
     assert.equal(st.mode & 0o777, 0o600);
-    await d.api.request('GET', '/api/v1/instances');
+    await t.d.api.request('GET', '/api/v1/instances');
   });
 
   it('serves an OpenAPI document generated from the request schemas', async () => {
-    const doc = await d.http.request<{ openapi: string; paths: Record<string, Record<string, { requestBody?: { content: Record<string, { schema: { properties: Record<string, unknown> } }> } }>> }>(
+    const doc = await t.d.http.request<{ openapi: string; paths: Record<string, Record<string, { requestBody?: { content: Record<string, { schema: { properties: Record<string, unknown> } }> } }>> }>(
       'GET',
       '/api/v1/openapi.json',
     );
@@ -122,7 +113,7 @@ describe('API errors', () => {
   });
 
   it('reports the accelerator verdict: KVM judged by a guest, with a reason', async () => {
-    const { host } = await d.http.request<{ host: { accelerator: { kvm: { usable: boolean; reason: string }; tcg: { usable: boolean }; default: string }; cpus: { count: number } } }>('GET', '/api/v1/host');
+    const { host } = await t.d.http.request<{ host: { accelerator: { kvm: { usable: boolean; reason: string }; tcg: { usable: boolean }; default: string }; cpus: { count: number } } }>('GET', '/api/v1/host');
     assert.equal(typeof host.accelerator.kvm.usable, 'boolean');
     assert.ok(host.accelerator.kvm.reason.length > 5);
     assert.equal(host.accelerator.tcg.usable, true);
@@ -130,16 +121,16 @@ describe('API errors', () => {
     if (!host.accelerator.kvm.usable) {
       // accel=kvm on a host where KVM is unusable: a clear error at create, nothing created
       await assert.rejects(create({ name: 'kvmvm', image: 'tiny', accel: 'kvm' }), code('HF_ERR_ACCEL_UNAVAILABLE', 422));
-      assert.equal(existsSync(join(dataDir, 'instances', 'kvmvm')), false);
+      assert.equal(existsSync(join(t.dataDir, 'instances', 'kvmvm')), false);
     }
   });
 
   it('unknown operation → 404; operation wait returns a finished operation', async () => {
-    await assert.rejects(d.http.request('GET', '/api/v1/operations/nope'), code('HF_ERR_OPERATION_NOT_FOUND', 404));
+    await assert.rejects(t.d.http.request('GET', '/api/v1/operations/nope'), code('HF_ERR_OPERATION_NOT_FOUND', 404));
   });
 
   it('the CLI prints the error code and exits non-zero', () => {
-    const r = spawnSync(process.execPath, [CLI, '--data-dir', dataDir, 'info', 'ghost'], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [CLI, '--data-dir', t.dataDir, 'info', 'ghost'], { encoding: 'utf8' });
     assert.equal(r.status, 1);
     assert.match(r.stderr, /instance "ghost" not found \(HF_ERR_INSTANCE_NOT_FOUND\)/);
   });

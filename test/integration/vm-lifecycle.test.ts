@@ -1,6 +1,6 @@
 // A real tiny VM under TCG through the real daemon: launch, console, pause/resume, graceful
 // stop, state across a daemon restart, and the state errors a user can hit on the way.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { readProcStat } from '../../src/util/proc.js';
@@ -8,40 +8,29 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import {
   CLI,
-  destroyDataDir,
   getInstance,
-  makeDataDir,
   op,
   startTestDaemon,
   stopTestDaemon,
   waitForConsole,
-  type TestDaemon,
+  useTestDaemon,
 } from '../helpers/daemon.js';
 
 describe('VM lifecycle with real QEMU (TCG)', () => {
-  let dataDir: string;
-  let d: TestDaemon;
+  const t = useTestDaemon();
 
-  before(async () => {
-    dataDir = await makeDataDir();
-    d = await startTestDaemon(dataDir);
-  });
-  after(async () => {
-    await destroyDataDir(dataDir, d);
-  });
-
-  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', dataDir, ...args], { encoding: 'utf8', timeout: 120_000 });
+  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', t.dataDir, ...args], { encoding: 'utf8', timeout: 120_000 });
 
   it('launches from the tiny image with the CLI and the guest reaches its ready marker', async () => {
     const r = cli('launch', 'tiny', 'web1', '--cpus', '1', '--memory', '256M', '--accel', 'tcg');
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stdout, /launched vm web1 \(running\)/);
-    const inst = await getInstance(d.api, 'web1');
+    const inst = await getInstance(t.d.api, 'web1');
     assert.equal(inst.state, 'running');
     assert.equal(inst.runtime?.accel, 'tcg');
     assert.equal(inst.config.memoryMiB, 256);
     assert.ok(inst.runtime && readProcStat(inst.runtime.pid), 'the QEMU process exists');
-    const log = await waitForConsole(d.api, 'web1', /HYPERFOLD-GUEST-READY/);
+    const log = await waitForConsole(t.d.api, 'web1', /HYPERFOLD-GUEST-READY/);
     assert.match(log, /HYPERFOLD-GUEST-READY/);
     // The list shows it, as a table and as JSON.
     const list = cli('list');
@@ -53,16 +42,16 @@ describe('VM lifecycle with real QEMU (TCG)', () => {
   });
 
   it('refuses to start a running VM and to delete it without --force', async () => {
-    await assert.rejects(d.api.request('POST', '/api/v1/instances/web1/start', {}), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_RUNNING' && e.status === 409);
-    await assert.rejects(d.api.request('DELETE', '/api/v1/instances/web1'), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_RUNNING');
+    await assert.rejects(t.d.api.request('POST', '/api/v1/instances/web1/start', {}), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_RUNNING' && e.status === 409);
+    await assert.rejects(t.d.api.request('DELETE', '/api/v1/instances/web1'), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_RUNNING');
     const r = cli('delete', 'web1');
     assert.notEqual(r.status, 0);
     assert.match(r.stderr, /HF_ERR_INSTANCE_RUNNING/);
-    assert.equal((await getInstance(d.api, 'web1')).state, 'running');
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'running');
   });
 
   it('answers on the interactive console (websocket)', async () => {
-    const ws = d.api.websocket('/api/v1/instances/web1/console');
+    const ws = t.d.api.websocket('/api/v1/instances/web1/console');
     let got = '';
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no echo; got: ${got.slice(-500)}`)), 30_000);
@@ -81,20 +70,20 @@ describe('VM lifecycle with real QEMU (TCG)', () => {
   });
 
   it('pauses and resumes', async () => {
-    const paused = await op(d.api, 'POST', '/api/v1/instances/web1/pause', {});
+    const paused = await op(t.d.api, 'POST', '/api/v1/instances/web1/pause', {});
     assert.equal(paused.status, 'success', JSON.stringify(paused.error));
-    assert.equal((await getInstance(d.api, 'web1')).state, 'paused');
-    await assert.rejects(d.api.request('POST', '/api/v1/instances/web1/pause', {}), (e: ApiError) => e.code === 'HF_ERR_INVALID_STATE' || e.code === 'HF_ERR_INSTANCE_NOT_RUNNING');
-    const resumed = await op(d.api, 'POST', '/api/v1/instances/web1/resume', {});
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'paused');
+    await assert.rejects(t.d.api.request('POST', '/api/v1/instances/web1/pause', {}), (e: ApiError) => e.code === 'HF_ERR_INVALID_STATE' || e.code === 'HF_ERR_INSTANCE_NOT_RUNNING');
+    const resumed = await op(t.d.api, 'POST', '/api/v1/instances/web1/resume', {});
     assert.equal(resumed.status, 'success');
-    assert.equal((await getInstance(d.api, 'web1')).state, 'running');
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'running');
   });
 
   it('stops gracefully (ACPI power-down) and records a clean exit', async () => {
-    const pid = (await getInstance(d.api, 'web1')).runtime!.pid;
-    const stopped = await op(d.api, 'POST', '/api/v1/instances/web1/stop', { timeout: 60 });
+    const pid = (await getInstance(t.d.api, 'web1')).runtime!.pid;
+    const stopped = await op(t.d.api, 'POST', '/api/v1/instances/web1/stop', { timeout: 60 });
     assert.equal(stopped.status, 'success', JSON.stringify(stopped.error));
-    const inst = await getInstance(d.api, 'web1');
+    const inst = await getInstance(t.d.api, 'web1');
     assert.equal(inst.state, 'stopped');
     assert.equal(inst.runtime, undefined);
     assert.equal(inst.lastExit?.clean, true);
@@ -105,28 +94,28 @@ describe('VM lifecycle with real QEMU (TCG)', () => {
   });
 
   it('keeps the state across a daemon restart', async () => {
-    const before = await getInstance(d.api, 'web1');
-    await stopTestDaemon(d);
-    d = await startTestDaemon(dataDir);
-    const afterRestart = await getInstance(d.api, 'web1');
+    const before = await getInstance(t.d.api, 'web1');
+    await stopTestDaemon(t.d);
+    t.d = await startTestDaemon(t.dataDir);
+    const afterRestart = await getInstance(t.d.api, 'web1');
     assert.equal(afterRestart.state, 'stopped');
     assert.equal(afterRestart.id, before.id);
     assert.deepEqual(afterRestart.config, before.config);
   });
 
   it('starts again, is stopped by force, and is deleted with nothing left', async () => {
-    const started = await op(d.api, 'POST', '/api/v1/instances/web1/start', {});
+    const started = await op(t.d.api, 'POST', '/api/v1/instances/web1/start', {});
     assert.equal(started.status, 'success', JSON.stringify(started.error));
-    const pid = (await getInstance(d.api, 'web1')).runtime!.pid;
-    const killed = await op(d.api, 'POST', '/api/v1/instances/web1/stop', { force: true });
+    const pid = (await getInstance(t.d.api, 'web1')).runtime!.pid;
+    const killed = await op(t.d.api, 'POST', '/api/v1/instances/web1/stop', { force: true });
     assert.equal(killed.status, 'success');
-    assert.equal((await getInstance(d.api, 'web1')).state, 'stopped');
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'stopped');
     const st = readProcStat(pid);
     assert.ok(!st || st.state === 'Z');
-    const del = await op(d.api, 'DELETE', '/api/v1/instances/web1');
+    const del = await op(t.d.api, 'DELETE', '/api/v1/instances/web1');
     assert.equal(del.status, 'success');
-    await assert.rejects(getInstance(d.api, 'web1'), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_NOT_FOUND' && e.status === 404);
+    await assert.rejects(getInstance(t.d.api, 'web1'), (e: ApiError) => e.code === 'HF_ERR_INSTANCE_NOT_FOUND' && e.status === 404);
     const { existsSync } = await import('node:fs');
-    assert.equal(existsSync(`${dataDir}/instances/web1`), false, 'instance directory removed');
+    assert.equal(existsSync(`${t.dataDir}/instances/web1`), false, 'instance directory removed');
   });
 });
