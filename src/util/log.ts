@@ -12,7 +12,7 @@ export interface Logger {
 
 export function createLogger(opts: { level?: LogLevel; write?: (line: string) => void; base?: Record<string, unknown> } = {}): Logger {
   const min = ORDER[opts.level ?? 'info'];
-  const write = opts.write ?? ((line: string) => process.stderr.write(line + '\n'));
+  const write = opts.write ?? (process.stderr.isTTY ? (line: string) => process.stderr.write(pretty(line) + '\n') : (line: string) => process.stderr.write(line + '\n'));
   const base = opts.base ?? {};
   const emit = (level: LogLevel, msg: string, fields?: Record<string, unknown>): void => {
     if (ORDER[level] < min) return;
@@ -34,3 +34,12 @@ export const silentLogger: Logger = {
   error: () => undefined,
   child: () => silentLogger,
 };
+
+/** On a terminal: "14:59:01 info  instance started name=web1 pid=123" instead of JSON. */
+function pretty(line: string): string {
+  const { t, level, msg, ...rest } = JSON.parse(line) as { t: string; level: string; msg: string } & Record<string, unknown>;
+  const fields = Object.entries(rest)
+    .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)
+    .join(' ');
+  return `${t.slice(11, 19)} ${level.padEnd(5)} ${msg}${fields ? ` ${fields}` : ''}`;
+}
