@@ -13,6 +13,15 @@ declare -A NEED=(
   [dpkg-deb]=dpkg
   [mke2fs]=e2fsprogs
   [ip]=iproute2
+  [bridge]=iproute2
+  [dnsmasq]=dnsmasq-base
+  [nft]=nftables
+  [setpriv]=util-linux
+  [runc]=runc
+  [skopeo]=skopeo
+  [umoci]=umoci
+  [debootstrap]=debootstrap
+  [nsenter]=util-linux
 )
 missing=()
 for prog in "${!NEED[@]}"; do

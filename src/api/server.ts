@@ -8,8 +8,11 @@ import { HfError, toHfError } from '../core/errors.js';
 import type { Logger } from '../util/log.js';
 import { buildOpenApi } from './openapi.js';
 import { RouteTable } from './routes.js';
+import { registerContainerRoutes } from './routes/containers.js';
 import { registerInstanceRoutes } from './routes/instances.js';
+import { registerNetworkRoutes } from './routes/networks.js';
 import { registerSystemRoutes } from './routes/system.js';
+import { registerStorageRoutes } from './routes/storage.js';
 import type { ApiServices } from './services.js';
 
 export interface ApiOptions {
@@ -23,6 +26,9 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
   const table = new RouteTable();
   registerInstanceRoutes(table, svc);
   registerSystemRoutes(table, svc);
+  registerNetworkRoutes(table, svc);
+  registerContainerRoutes(table, svc);
+  registerStorageRoutes(table, svc);
   table.add({
     method: 'GET',
     url: '/api/v1/events',
@@ -125,14 +131,25 @@ function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
 
   app.get('/api/v1/instances/:name/console', { websocket: true }, async (socket, req) => {
     const { name } = req.params as { name: string };
+    // Input can arrive before the console is attached: queue it instead of losing it.
+    const queued: Buffer[] = [];
+    let write: ((b: Buffer) => void) | undefined;
+    let closed = false;
+    socket.on('message', (data: Buffer) => (write ? write(data) : queued.push(data)));
+    socket.on('close', () => (closed = true));
     try {
       const con = await svc.instances.attachConsole(name);
+      if (closed) {
+        con.close();
+        return;
+      }
       con.onData((b) => {
         if (socket.readyState === socket.OPEN) socket.send(b);
       });
       con.onClose(() => socket.close(1000, 'console closed'));
-      socket.on('message', (data: Buffer) => con.write(data));
       socket.on('close', () => con.close());
+      write = (b) => con.write(b);
+      for (const b of queued.splice(0)) con.write(b);
     } catch (e) {
       const err = toHfError(e);
       socket.send(JSON.stringify({ error: err.toJSON() }));

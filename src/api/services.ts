@@ -1,9 +1,13 @@
 // What the API layer needs from the daemon: passed in, never reached through globals.
+import type { ContainerService } from '../services/containers.js';
 import type { EventBus } from '../services/events.js';
 import type { HostInfo } from '../services/host.js';
 import type { ImageService } from '../services/images.js';
 import type { InstanceService } from '../services/instances.js';
+import type { NetworkService } from '../services/networks.js';
 import type { OperationManager } from '../services/operations.js';
+import type { SnapshotService } from '../services/snapshots.js';
+import type { StorageService } from '../services/storage.js';
 
 export interface ApiServices {
   instances: InstanceService;
@@ -12,4 +16,11 @@ export interface ApiServices {
   events: EventBus;
   host: () => Promise<HostInfo>;
   version: string;
+  /** Container exec, snapshots, copies and image imports (absent where containers are not wired). */
+  containers?: ContainerService;
+  /** Pools, volumes, image import/export, copies (absent in tests that do not need them). */
+  storage?: StorageService;
+  snapshots?: SnapshotService;
+  /** Networks, NICs, firewall, port forwards (absent in tests that do not need them). */
+  networks?: NetworkService;
 }

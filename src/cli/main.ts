@@ -4,8 +4,11 @@
 import { Command } from 'commander';
 import { ApiError } from './client.js';
 import { createContext } from './context.js';
+import { registerContainerCommands } from './commands/containers.js';
 import { registerInstanceCommands } from './commands/instances.js';
+import { registerNetworkCommands } from './commands/networks.js';
 import { registerSystemCommands } from './commands/system.js';
+import { registerStorageCommands } from './commands/storage.js';
 
 const program = new Command();
 program
@@ -18,7 +21,10 @@ program
 
 const ctx = createContext(program);
 registerInstanceCommands(ctx);
+registerNetworkCommands(ctx);
 registerSystemCommands(ctx);
+registerStorageCommands(ctx);
+registerContainerCommands(ctx);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof ApiError) {

@@ -12,15 +12,29 @@ export const ERROR_CODES = {
   HF_ERR_INSTANCE_NOT_FOUND: 404,
   HF_ERR_IMAGE_NOT_FOUND: 404,
   HF_ERR_OPERATION_NOT_FOUND: 404,
+  HF_ERR_NETWORK_NOT_FOUND: 404,
+  HF_ERR_POOL_NOT_FOUND: 404,
+  HF_ERR_VOLUME_NOT_FOUND: 404,
+  HF_ERR_SNAPSHOT_NOT_FOUND: 404,
   HF_ERR_ALREADY_EXISTS: 409,
   HF_ERR_INSTANCE_RUNNING: 409,
   HF_ERR_INSTANCE_NOT_RUNNING: 409,
   HF_ERR_INVALID_STATE: 409,
   HF_ERR_BUSY: 409,
   HF_ERR_CONFLICT: 409,
+  /** A network still has NICs attached. */
+  HF_ERR_NETWORK_IN_USE: 409,
+  /** A subnet overlaps another network or collides with a host route. */
+  HF_ERR_SUBNET_CONFLICT: 409,
+  /** An IP address, MAC address or host port is already taken. */
+  HF_ERR_ADDRESS_IN_USE: 409,
   HF_ERR_INSUFFICIENT_RESOURCES: 422,
   HF_ERR_ACCEL_UNAVAILABLE: 422,
   HF_ERR_UNSUPPORTED: 422,
+  /** A file that is not a usable disk image (unknown, truncated, corrupt). */
+  HF_ERR_BAD_IMAGE: 422,
+  /** A storage pool has no room for what was asked. */
+  HF_ERR_POOL_FULL: 507,
   HF_ERR_MISSING_DEPENDENCY: 500,
   HF_ERR_DATA_DIR: 500,
   HF_ERR_HYPERVISOR: 500,

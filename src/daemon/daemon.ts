@@ -11,12 +11,20 @@ import { HfError } from '../core/errors.js';
 import type { InstanceDriver } from '../drivers/driver.js';
 import { loadOrProbe, type AccelVerdict } from '../drivers/qemu/accel.js';
 import { QemuDriver } from '../drivers/qemu/driver.js';
+import { ContainerDriver } from '../drivers/container/driver.js';
+import { ContainerService, containerImageBuilders } from '../services/containers.js';
 import type { InstanceType } from '../core/model/instance.js';
 import { EventBus } from '../services/events.js';
 import { bootId, describeHost, hostCapacity } from '../services/host.js';
 import { ImageService, tinyImageBuilder } from '../services/images.js';
 import { InstanceService } from '../services/instances.js';
+import { NetworkService } from '../services/networks.js';
+import { LinuxNetHost } from '../network/host.js';
+import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';
+import type { InstanceExtension } from '../services/extensions.js';
+import { SnapshotService } from '../services/snapshots.js';
+import { StorageService } from '../services/storage.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
 import type { StateStore } from '../state/store.js';
 import { createLogger, type Logger } from '../util/log.js';
@@ -65,10 +73,17 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
 
   const drivers = new Map<InstanceType, InstanceDriver>();
   drivers.set('vm', new QemuDriver({ binary: config.qemuBinary, accelVerdict, log: log.child({ component: 'qemu' }) }));
+  const env = process.env;
+  const containerDriver = new ContainerDriver({ runcBinary: env.HYPERFOLD_RUNC, runcRoot: env.HYPERFOLD_RUNC_ROOT, idmapBase: env.HYPERFOLD_IDMAP_BASE ? Number(env.HYPERFOLD_IDMAP_BASE) : undefined, dataDir: paths.root, instancesDir: paths.instancesDir, log: log.child({ component: 'container' }) });
+  drivers.set('container', containerDriver);
 
   const images = new ImageService(store, paths, operations);
   images.registerBuilder(await tinyImageBuilder());
+  for (const b of containerImageBuilders()) images.registerBuilder(b);
+  // Areas that hook into the instance lifecycle (storage: snapshot records) add themselves here.
+  const extensions: InstanceExtension[] = [];
   const instances = new InstanceService({
+    extensions,
     store,
     drivers,
     images,
@@ -83,6 +98,18 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
     consoleLogMaxBytes: config.consoleLogMaxBytes,
   });
 
+  const storage = new StorageService({ store, paths, operations, instances, images, events, log: log.child({ component: 'storage' }) });
+  await storage.init();
+  const snapshots = new SnapshotService({ store, instances, operations, storage, events, log: log.child({ component: 'snapshots' }) });
+  extensions.push(storage.extension(), snapshots.extension());
+  const netHost = new LinuxNetHost(log.child({ component: 'network' }), { onDhcpRestart: (network, pid) => events.publish('network.dhcp-restarted', { network, pid }) });
+  const networks = new NetworkService({ store, host: netHost, names: new NetNames(tagFor(paths.root)), networksDir: `${paths.root}/networks`, dataDir: paths.root, events, operations, log: log.child({ component: 'network' }) });
+  networks.bindInstances(instances);
+  extensions.push(networks.extension);
+  const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, paths, log: log.child({ component: 'containers' }) });
+  snapshots.registerProvider('container', containers.snapshotProvider());
+  storage.registerCopyProvider('container', containers.copyProvider());
+
   // Did the host boot since we last ran? Then autostart instances start.
   const hostKey = `/hosts/${config.hostName}`;
   const prev = (await store.get<HostRecord>(hostKey))?.value;
@@ -90,7 +117,9 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const hostBooted = !prev || prev.bootId !== currentBoot;
   await store.put(hostKey, { name: config.hostName, bootId: currentBoot, version: VERSION, lastStart: startedAt } satisfies HostRecord);
 
+  await networks.start().catch((e) => log.error('networking unavailable', { error: (e as Error).message }));
   const reconciled = await instances.reconcile({ hostBooted });
+  await networks.reconcileInstances().catch((e) => log.error('network reconcile failed', { error: (e as Error).message }));
   if (reconciled.attached.length || reconciled.lost.length) log.info('reconciled instances', reconciled);
 
   const services: ApiServices = {
@@ -98,6 +127,10 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
     operations,
     images,
     events,
+    storage,
+    snapshots,
+    containers,
+    networks,
     version: VERSION,
     host: async () => {
       const all = await instances.list();
@@ -162,6 +195,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
       for (const a of listening) await a.close().catch(() => undefined);
       listening = [];
       await instances.close();
+      await networks.close();
       await store.close();
       await rm(paths.socket, { force: true });
     })());

@@ -65,6 +65,15 @@ export interface InstanceHandle {
   detachDisk?(diskName: string): Promise<void>;
   /** Grows a disk of the running instance (block_resize). */
   resizeDisk?(diskName: string, sizeBytes: number): Promise<void>;
+  /**
+   * Internal snapshots of a running instance (storage): disk-only (all disks at one instant),
+   * with memory (RAM + device state saved into `vmstateDisk`'s image), revert of a memory
+   * snapshot, and delete. Disk names are the instance's DiskConfig names.
+   */
+  snapshotDisks?(tag: string, diskNames: string[]): Promise<void>;
+  saveSnapshot?(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void>;
+  loadSnapshot?(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void>;
+  deleteSnapshot?(tag: string, diskNames: string[]): Promise<void>;
   /** Hot-plugs a NIC into the running instance / removes it. */
   attachNic?(nic: NicConfig): Promise<void>;
   detachNic?(nicName: string): Promise<void>;
@@ -101,6 +110,8 @@ export interface StartContext {
   paths: InstancePaths;
   /** Progress callback for long starts (percent 0-100, message). */
   progress?: (percent: number, message: string) => void;
+  /** The kernel's OOM killer killed processes of this instance (containers: cgroup oom_kill counter). */
+  onOom?: (info: { kills: number; total: number }) => void;
 }
 
 export interface InstanceDriver {

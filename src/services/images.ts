@@ -29,9 +29,16 @@ export class ImageService {
   private readonly records: Collection<ImageRecord>;
   private readonly builders = new Map<string, ImageBuilder>();
   private readonly building = new Set<string>();
+  /** Who still depends on an image (linked clones…): set by the storage service. */
+  private usageResolver: ((rec: ImageRecord) => Promise<string[]>) | undefined;
 
   constructor(store: StateStore, private readonly paths: DataPaths, private readonly operations: OperationManager) {
     this.records = new Collection<ImageRecord>(store, '/images/', imageRecordSchema);
+  }
+
+  /** The storage service tells who uses an image; delete() refuses while anyone does. */
+  setUsageResolver(fn: (rec: ImageRecord) => Promise<string[]>): void {
+    this.usageResolver = fn;
   }
 
   registerBuilder(b: ImageBuilder): void {
@@ -105,12 +112,15 @@ export class ImageService {
    * empty the delete is refused and the error names them.
    */
   async delete(name: string, inUse: string[] = []): Promise<void> {
-    await this.get(name);
+    const rec = await this.get(name);
+    if (!inUse.length && this.usageResolver) inUse = await this.usageResolver(rec);
     if (inUse.length) {
       throw new HfError('HF_ERR_CONFLICT', `image "${name}" is used by ${inUse.join(', ')}: delete those first`, { details: { usedBy: inUse } });
     }
     await this.records.delete(name);
     await rm(this.dir(name), { recursive: true, force: true });
+    // Images kept in another storage pool name the directory they own.
+    if (typeof rec.details.dir === 'string' && rec.details.dir.startsWith('/')) await rm(rec.details.dir, { recursive: true, force: true });
   }
 
   private async adopt(name: string): Promise<ImageRecord | undefined> {

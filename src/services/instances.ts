@@ -367,7 +367,7 @@ export class InstanceService {
       if (this.extensions.some((e) => e.beforeStart)) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
       mark('checked');
       ctx.progress(10, 'starting hypervisor');
-      handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
+      handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m), onOom: (o) => this.d.events.publish('instance.oom', { name, ...o }) });
       mark('running');
       undo.commit();
     } catch (e) {
@@ -503,7 +503,7 @@ export class InstanceService {
         const driver = this.driver(inst.type);
         let handle: InstanceHandle | null = null;
         try {
-          handle = await driver.attach(inst, { paths: this.paths(inst.name) });
+          handle = await driver.attach(inst, { paths: this.paths(inst.name), onOom: (o) => this.d.events.publish('instance.oom', { name: inst.name, ...o }) });
         } catch (e) {
           this.d.log.warn('re-attach failed', { name: inst.name, error: (e as Error).message });
         }

@@ -1,5 +1,6 @@
 // Instance verbs: launch, create, list, info, start/stop/restart/pause/resume, delete, console.
 import { Option, type Command } from 'commander';
+import { formatVmLiveInfo, isVmLiveInfo } from '../../core/live-plan.js';
 import type { Instance } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
 import { formatMiB } from '../../core/units.js';
@@ -25,7 +26,12 @@ export function registerInstanceCommands(ctx: CliContext): void {
       .option('--kernel <path>', 'boot this kernel directly (with --initrd, --cmdline)')
       .option('--initrd <path>')
       .option('--cmdline <text>')
-      .option('--format <fmt>', 'output format: table or json', 'table');
+      .option('--format <fmt>', 'output format: table or json', 'table')
+      .option('--container', 'a system container (runc) instead of a VM; --cpus may be a fraction, e.g. 0.5')
+      .option('--privileged', 'containers: no user namespace (root inside is root on the host)')
+      .option('--pids-limit <n>', 'containers: maximum number of processes', (v) => Number(v))
+      .option('--network <name>', 'attach a NIC on this network (repeatable: one NIC each)', (v: string, acc: string[]) => [...acc, v], [])
+      .option('--ip <ip>', 'reserve this address for the NIC of the --network at the same position (repeatable)', (v: string, acc: string[]) => [...acc, v], []);
   }
   
   interface InstanceOpts {
@@ -44,11 +50,19 @@ export function registerInstanceCommands(ctx: CliContext): void {
     cmdline?: string;
     format?: string;
     wait?: boolean;
+    container?: boolean;
+    privileged?: boolean;
+    pidsLimit?: number;
+    network: string[];
+    ip: string[];
   }
   
   function createBody(image: string | undefined, name: string, o: InstanceOpts, start: boolean): Record<string, unknown> {
     const body: Record<string, unknown> = { name, start };
     if (image && image !== 'none') body.image = image;
+    if (o.container) body.type = 'container';
+    if (o.privileged) body.privileged = true;
+    if (o.pidsLimit !== undefined) body.pidsLimit = o.pidsLimit;
     if (o.cpus !== undefined) body.vcpus = o.cpus;
     if (o.maxCpus !== undefined) body.maxVcpus = o.maxCpus;
     if (o.memory !== undefined) body.memory = o.memory;
@@ -59,6 +73,8 @@ export function registerInstanceCommands(ctx: CliContext): void {
     if (o.autostart) body.autostart = true;
     if (o.description) body.description = o.description;
     if (o.kernel) body.boot = { kind: 'kernel', kernel: o.kernel, initrd: o.initrd, cmdline: o.cmdline ?? '' };
+    if (o.ip.length > o.network.length) throw new ApiError(400, 'HF_ERR_VALIDATION', 'each --ip belongs to a --network (give as many --network as --ip)');
+    if (o.network.length) body.nics = o.network.map((network, i) => (o.ip[i] ? { network, ip: o.ip[i] } : { network }));
     if (o.disk.length) {
       body.disks = o.disk.map((d) => {
         const [n, size] = d.split('=');
@@ -68,6 +84,21 @@ export function registerInstanceCommands(ctx: CliContext): void {
     return body;
   }
   
+  /** Addresses instances hold now (DHCP leases, containers' static addresses), by instance. */
+  async function instanceIps(instance?: string): Promise<Map<string, Array<{ nic: string; ip: string; source?: string }>>> {
+    const out = new Map<string, Array<{ nic: string; ip: string; source?: string }>>();
+    try {
+      const { addresses } = await ctx.client().request<{ addresses: Array<{ instance: string; nic: string; ip?: string; source?: string }> }>(
+        'GET',
+        `/api/v1/addresses${instance ? `?instance=${encodeURIComponent(instance)}` : ''}`,
+      );
+      for (const a of addresses) if (a.ip) out.set(a.instance, [...(out.get(a.instance) ?? []), { nic: a.nic, ip: a.ip, source: a.source }]);
+    } catch {
+      // networking unavailable: no addresses to show
+    }
+    return out;
+  }
+
   async function createCommand(image: string, name: string, o: InstanceOpts, start: boolean): Promise<void> {
     const res = await ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', '/api/v1/instances', createBody(image, name, o, start));
     if (res.operation) await ctx.follow(res.operation, { wait: o.wait });
@@ -91,10 +122,11 @@ export function registerInstanceCommands(ctx: CliContext): void {
     .option('--type <type>', 'vm or container')
     .action(async (o: { format: string; type?: string }) => {
       const { instances } = await ctx.client().request<{ instances: Instance[] }>('GET', `/api/v1/instances${o.type ? `?type=${o.type}` : ''}`);
+      const ips = await instanceIps();
       ctx.print(instances, o.format, () =>
         table(
-          ['NAME', 'TYPE', 'STATE', 'CPUS', 'MEMORY', 'IMAGE', 'HOST', 'PID'],
-          instances.map((i) => [i.name, i.type, i.state, String(i.config.vcpus), formatMiB(i.config.memoryMiB), i.image ?? '-', i.host, i.runtime ? String(i.runtime.pid) : '-']),
+          ['NAME', 'TYPE', 'STATE', 'CPUS', 'MEMORY', 'IMAGE', 'HOST', 'PID', 'IPV4'],
+          instances.map((i) => [i.name, i.type, i.state, String(i.config.vcpus), formatMiB(i.config.memoryMiB), i.image ?? '-', i.host, i.runtime ? String(i.runtime.pid) : '-', (ips.get(i.name) ?? []).map((a) => `${a.ip} (${a.nic})`).join(', ') || '-']),
         ),
       );
     });
@@ -104,7 +136,8 @@ export function registerInstanceCommands(ctx: CliContext): void {
     .description('show an instance')
     .option('--format <fmt>', 'table or json', 'table')
     .action(async (name: string, o: { format: string }) => {
-      const { instance: i } = await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`);
+      const { instance: i, live } = await ctx.client().request<{ instance: Instance; live?: Record<string, unknown> }>('GET', `/api/v1/instances/${name}`);
+      const ips = await instanceIps(name);
       ctx.print(i, o.format, () => {
         const c = i.config;
         const lines = [
@@ -121,11 +154,18 @@ export function registerInstanceCommands(ctx: CliContext): void {
           `Boot:           ${c.boot.kind === 'kernel' ? `kernel ${c.boot.kernel}` : `${c.boot.kind} (${c.boot.firmware})`}`,
           `Restart policy: ${c.restartPolicy}${i.restartCount ? ` (restarted ${i.restartCount}×)` : ''}`,
           `Autostart:      ${c.autostart ? 'yes' : 'no'}`,
+          ...(i.type === 'container' ? [`Privileged:     ${c.privileged ? 'YES (no user namespace)' : 'no (user namespace)'}${c.pidsLimit ? `; process limit ${c.pidsLimit}` : ''}`] : []),
           `Disks:`,
           ...(c.disks.length ? c.disks.map((d) => `  ${d.name}: ${d.path} (${d.format}, ${d.media}${d.readonly ? ', read-only' : ''})`) : ['  (none)']),
           `NICs:`,
-          ...(c.nics.length ? c.nics.map((n) => `  ${n.name}: ${n.network} ${n.mac}${n.ip ? ` ${n.ip}` : ''}`) : ['  (none)']),
+          ...(c.nics.length
+            ? c.nics.map((n) => {
+                const a = ips.get(i.name)?.find((x) => x.nic === n.name);
+                return `  ${n.name}: ${n.network} ${n.mac}${a?.ip ? ` ${a.ip} (${a.source})` : n.ip ? ` ${n.ip} (reserved)` : ''}`;
+              })
+            : ['  (none)']),
         ];
+        if (isVmLiveInfo(live)) lines.push('Live (from the hypervisor):', ...formatVmLiveInfo(live));
         const pend = Object.entries(i.pending);
         if (pend.length) lines.push('Pending (applies at next boot):', ...pend.map(([k, v]) => `  ${k} = ${JSON.stringify(v)}`));
         if (i.lastExit) lines.push(`Last exit:      ${i.lastExit.at} ${i.lastExit.clean ? 'clean' : 'unclean'}: ${i.lastExit.reason}`);

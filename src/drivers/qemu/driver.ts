@@ -6,12 +6,17 @@ import { isProcessAlive, waitForProcessExit } from '../../util/proc.js';
 import net from 'node:net';
 import { join } from 'node:path';
 import { HfError } from '../../core/errors.js';
-import type { Instance, RuntimeInfo } from '../../core/model/instance.js';
+import type { DiskConfig, Instance, InstanceConfig, RuntimeInfo } from '../../core/model/instance.js';
 import type { Logger } from '../../util/log.js';
 import { which } from '../../util/exec.js';
-import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, ObservedState, StartContext } from '../driver.js';
+import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult, ObservedState, StartContext } from '../driver.js';
 import { resolveAccel, type AccelVerdict } from './accel.js';
 import { buildQemuArgv } from './argv.js';
+import { hotplugDisk, resizeDiskLive, unplugDisk } from './block.js';
+import { hotplugNic, unplugNic } from './nic.js';
+import type { NicConfig } from '../../core/model/instance.js';
+import { applyLiveChanges, enableGuestStats, readLiveInfo } from './live.js';
+import { deleteSnapshotLive, loadSnapshotLive, saveSnapshotLive, snapshotDisksLive } from './snapshot.js';
 import { QemuProcess } from './process.js';
 import { QmpLog } from './qmp/log.js';
 
@@ -128,6 +133,8 @@ export class QemuDriver implements InstanceDriver {
     // Make sure the guest runs (QEMU starts it at once unless -S; `cont` is harmless otherwise).
     const st = await handle.observe();
     if (st !== 'running') await proc.qmp.run('cont');
+    // Balloon statistics for `info` (live.ts); a VM without a balloon just has none.
+    await enableGuestStats(proc.qmp);
     ctx.progress?.(100, 'running');
     this.opts.log.debug('qemu spawned', { name: instance.name, pid: proc.pid, argv: argv.join(' ') });
     return handle;
@@ -212,6 +219,46 @@ class QemuHandle implements InstanceHandle {
 
   qmp() {
     return this.proc.qmp;
+  }
+
+  // ---- live resources (live.ts): everything is read from QEMU on each call, so a re-attached
+  // daemon sees hot-plugged DIMMs and vCPUs exactly as a fresh one would ----
+  applyLive(changes: Partial<InstanceConfig>, current: InstanceConfig): Promise<LiveChangeResult> {
+    return applyLiveChanges(this.proc.qmp, changes, current);
+  }
+  async liveInfo(): Promise<Record<string, unknown>> {
+    return { ...(await readLiveInfo(this.proc.qmp)) };
+  }
+
+  // ---- storage capabilities (block.ts, snapshot.ts) ----
+  async attachDisk(disk: DiskConfig): Promise<void> {
+    await hotplugDisk(this.proc.qmp, disk);
+  }
+  detachDisk(diskName: string): Promise<void> {
+    return unplugDisk(this.proc.qmp, diskName);
+  }
+  resizeDisk(diskName: string, sizeBytes: number): Promise<void> {
+    return resizeDiskLive(this.proc.qmp, diskName, sizeBytes);
+  }
+  snapshotDisks(tag: string, diskNames: string[]): Promise<void> {
+    return snapshotDisksLive(this.proc.qmp, tag, diskNames);
+  }
+  saveSnapshot(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void> {
+    return saveSnapshotLive(this.proc.qmp, tag, vmstateDisk, diskNames, progress);
+  }
+  loadSnapshot(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void> {
+    return loadSnapshotLive(this.proc.qmp, tag, vmstateDisk, diskNames, progress);
+  }
+  deleteSnapshot(tag: string, diskNames: string[]): Promise<void> {
+    return deleteSnapshotLive(this.proc.qmp, tag, diskNames);
+  }
+
+  // ---- network capabilities (nic.ts) ----
+  async attachNic(nic: NicConfig): Promise<void> {
+    await hotplugNic(this.proc.qmp, nic);
+  }
+  detachNic(nicName: string): Promise<void> {
+    return unplugNic(this.proc.qmp, nicName);
   }
 
   detach(): void {

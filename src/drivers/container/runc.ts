@@ -1,0 +1,144 @@
+// runc, the OCI runtime, as a typed command wrapper. Every container's state lives under one
+// runc root (a tmpfs directory, like runc's own default) so `runc list` there shows only ours.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFile, writeFile } from 'node:fs/promises';
+import { HfError } from '../../core/errors.js';
+import { run, which } from '../../util/exec.js';
+import type { OciResources } from './spec.js';
+
+export interface RuncState {
+  id: string;
+  pid: number;
+  status: 'created' | 'running' | 'paused' | 'stopped' | 'creating';
+  bundle: string;
+  created: string;
+}
+
+export class Runc {
+  private resolved: string | undefined;
+
+  constructor(readonly binary: string, readonly root: string) {}
+
+  /** The absolute path of runc, or HF_ERR_MISSING_DEPENDENCY naming the package. */
+  async path(): Promise<string> {
+    if (this.resolved) return this.resolved;
+    const found = (await which(this.binary)) ?? (this.binary.includes('/') ? undefined : await which(`/usr/sbin/${this.binary}`));
+    if (!found) throw new HfError('HF_ERR_MISSING_DEPENDENCY', `runc ("${this.binary}") is not installed: run \`apt-get install -y runc\` to run containers`);
+    this.resolved = found;
+    return found;
+  }
+
+  private async exec(args: string[], opts: { input?: string; timeoutMs?: number; allowFailure?: boolean } = {}) {
+    const bin = await this.path();
+    return run(bin, ['--root', this.root, ...args], { errorCode: 'HF_ERR_HYPERVISOR', timeoutMs: opts.timeoutMs ?? 30_000, input: opts.input, allowFailure: opts.allowFailure });
+  }
+
+  /**
+   * `runc run --detach`: creates and starts the container; resolves once its init has been
+   * exec'd. The container's stdio are the given fds (passed through, not held by runc).
+   */
+  async runDetached(id: string, bundle: string, pidFile: string, stdio: [number, number, number], logFile: string, timeoutMs = 30_000): Promise<void> {
+    await this.spawnWait(['run', '--detach', '--bundle', bundle, '--pid-file', pidFile, id], stdio, logFile, timeoutMs);
+  }
+
+  /** `runc create`: namespaces and cgroups exist, init waits; `start` lets it run. */
+  async create(id: string, bundle: string, pidFile: string, stdio: [number, number, number], logFile: string, timeoutMs = 30_000): Promise<void> {
+    await this.spawnWait(['create', '--bundle', bundle, '--pid-file', pidFile, id], stdio, logFile, timeoutMs);
+  }
+
+  async start(id: string): Promise<void> {
+    await this.exec(['start', id]);
+  }
+
+  /**
+   * Runs runc with the container's stdio (runc passes them through to init and exits) and its
+   * own messages in `logFile` (they must not mix with the console).
+   */
+  private async spawnWait(args: string[], stdio: [number, number, number], logFile: string, timeoutMs: number): Promise<void> {
+    const bin = await this.path();
+    await truncateFile(logFile);
+    const child = spawn(bin, ['--root', this.root, '--log', logFile, '--log-format', 'json', ...args], { stdio });
+    const readErr = async () => cleanRuncError(await readFile(logFile, 'utf8').catch(() => ''));
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        child.kill('SIGKILL');
+        reject(new HfError('HF_ERR_TIMEOUT', `runc ${args[0]} did not finish within ${timeoutMs} ms`));
+      }, timeoutMs);
+      child.once('error', (e: NodeJS.ErrnoException) => {
+        clearTimeout(timer);
+        reject(e.code === 'ENOENT' ? new HfError('HF_ERR_MISSING_DEPENDENCY', 'runc is not installed: apt-get install -y runc') : new HfError('HF_ERR_HYPERVISOR', `runc: ${e.message}`));
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        if (code === 0) resolve();
+        else void readErr().then((m) => reject(new HfError('HF_ERR_HYPERVISOR', `runc ${args[0]} failed (${signal ?? `exit ${code}`}): ${m}`)));
+      });
+    });
+  }
+
+  async state(id: string): Promise<RuncState | undefined> {
+    const r = await this.exec(['state', id], { allowFailure: true });
+    if (r.code !== 0) return undefined;
+    return JSON.parse(r.stdout) as RuncState;
+  }
+
+  async kill(id: string, signal: string, all = false): Promise<void> {
+    await this.exec(['kill', ...(all ? ['--all'] : []), id, signal.replace(/^SIG/, '')], { allowFailure: true });
+  }
+
+  async pause(id: string): Promise<void> {
+    await this.exec(['pause', id]);
+  }
+
+  async resume(id: string): Promise<void> {
+    await this.exec(['resume', id]);
+  }
+
+  /** Removes runc's state and the container's cgroups (force: kill first if it still runs). */
+  async delete(id: string, force = true): Promise<void> {
+    await this.exec(['delete', ...(force ? ['--force'] : []), id], { allowFailure: true });
+  }
+
+  /** Applies new cgroup limits to a live container. */
+  async update(id: string, resources: OciResources): Promise<void> {
+    await this.exec(['update', '--resources', '-', id], { input: JSON.stringify(resources) });
+  }
+
+  async list(): Promise<RuncState[]> {
+    const r = await this.exec(['list', '--format', 'json'], { allowFailure: true });
+    if (r.code !== 0 || !r.stdout.trim() || r.stdout.trim() === 'null') return [];
+    return JSON.parse(r.stdout) as RuncState[];
+  }
+
+  /** `runc exec` of a process described as an OCI process spec (read from a file). */
+  async spawnExec(id: string, processFile: string, stdio: 'pipe'): Promise<ChildProcess> {
+    const bin = await this.path();
+    return spawn(bin, ['--root', this.root, 'exec', '--process', processFile, id], { stdio });
+  }
+}
+
+/** runc logs logrus lines, as JSON ({"level","msg"}) or text (level=error msg="…"): keep the error messages. */
+export function cleanRuncError(out: string): string {
+  const msgs: string[] = [];
+  for (const line of out.split('\n')) {
+    const t = line.trim();
+    if (!t) continue;
+    if (t.startsWith('{')) {
+      try {
+        const j = JSON.parse(t) as { level?: string; msg?: string };
+        if (j.msg && (j.level === 'error' || j.level === 'fatal')) msgs.push(j.msg);
+        continue;
+      } catch {
+        // not JSON: fall through
+      }
+    }
+    const m = /level=(?:error|fatal) msg="((?:[^"\\]|\\.)*)"/.exec(t);
+    if (m) msgs.push(m[1]!.replace(/\\"/g, '"'));
+  }
+  const text = msgs.length ? msgs.join('; ') : out.trim();
+  return text.slice(-1500) || '(no output)';
+}
+
+async function truncateFile(file: string): Promise<void> {
+  await writeFile(file, '', { mode: 0o600 });
+}

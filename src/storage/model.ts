@@ -1,0 +1,83 @@
+// The storage model: pools (where volumes and images live), volumes (disks that exist on their
+// own and are attached to instances) and snapshot records. Zod schemas, like the other models.
+import { z } from 'zod';
+import { nameSchema } from '../core/model/instance.js';
+
+/** Pool types. Only `dir` exists today; LVM-thin, ZFS and Ceph RBD plug in as more backends. */
+export const POOL_TYPES = ['dir'] as const;
+export type PoolType = (typeof POOL_TYPES)[number];
+
+export const VOLUME_FORMATS = ['qcow2', 'raw'] as const;
+export type VolumeFormat = (typeof VOLUME_FORMATS)[number];
+
+export const poolRecordSchema = z.object({
+  name: nameSchema,
+  type: z.enum(POOL_TYPES),
+  /** dir: the directory (absolute). Other backends: their own location (VG/thin pool, dataset…). */
+  path: z.string().min(1),
+  description: z.string().default(''),
+  createdAt: z.string(),
+});
+export type PoolRecord = z.infer<typeof poolRecordSchema>;
+
+export const createPoolSchema = z
+  .object({
+    name: nameSchema,
+    type: z.enum(POOL_TYPES).default('dir'),
+    path: z.string().min(1).refine((p) => p.startsWith('/'), { message: 'path must be absolute' }),
+    description: z.string().max(1024).default(''),
+  })
+  .strict();
+
+export const volumeRecordSchema = z.object({
+  pool: nameSchema,
+  name: nameSchema,
+  format: z.enum(VOLUME_FORMATS),
+  /** Where QEMU opens it (a file for dir pools, a block device for LVM…). */
+  path: z.string().min(1),
+  /** Virtual size as the guest sees it. */
+  sizeBytes: z.number().int().nonnegative(),
+  description: z.string().default(''),
+  createdAt: z.string(),
+});
+export type VolumeRecord = z.infer<typeof volumeRecordSchema>;
+
+export const createVolumeSchema = z
+  .object({
+    size: z.union([z.string(), z.number()]),
+    format: z.enum(VOLUME_FORMATS).default('qcow2'),
+    description: z.string().max(1024).default(''),
+  })
+  .strict();
+
+export const snapshotRecordSchema = z.object({
+  instance: nameSchema,
+  name: nameSchema,
+  /** The snapshot this one was taken on top of (the instance's current snapshot then). */
+  parent: z.string().optional(),
+  /** RAM and device state included (snapshot-save with a vmstate). */
+  memory: z.boolean(),
+  /** The instance state when it was taken. */
+  takenWhile: z.enum(['running', 'paused', 'stopped']),
+  /** The disks it covers (the instance's writable qcow2 disks then). */
+  disks: z.array(z.string()),
+  /** The disk whose image holds the VM state (memory snapshots). */
+  vmstateDisk: z.string().optional(),
+  description: z.string().default(''),
+  createdAt: z.string(),
+});
+export type SnapshotRecord = z.infer<typeof snapshotRecordSchema>;
+
+/** Per instance: the snapshot its disks currently descend from (parent of the next one). */
+export const snapshotHeadSchema = z.object({ instance: nameSchema, current: z.string().optional() });
+export type SnapshotHead = z.infer<typeof snapshotHeadSchema>;
+
+/** Splits "pool/name" (a volume reference); throws a message string on bad input. */
+export function parseVolumeRef(ref: string): { pool: string; name: string } {
+  const parts = ref.split('/');
+  if (parts.length !== 2) throw new Error(`"${ref}" is not a volume reference: use POOL/NAME`);
+  const [pool, name] = parts as [string, string];
+  if (!nameSchema.safeParse(pool).success) throw new Error(`"${pool}" is not a valid pool name`);
+  if (!nameSchema.safeParse(name).success) throw new Error(`"${name}" is not a valid volume name`);
+  return { pool, name };
+}

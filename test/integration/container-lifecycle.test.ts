@@ -1,0 +1,211 @@
+// System containers on real runc through the real daemon and CLI: launch, isolation (PID and
+// user namespaces, read-only /sys), exec, console, limits (memory with an OOM event, PIDs, live
+// changes visible in the cgroup), pause/resume, crash and restart policy, survival of a daemon
+// SIGKILL, graceful stop and delete with nothing left.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import http from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { hostCgroupLayout, ContainerCgroup, containerCgroupPath } from '../../src/drivers/container/cgroups.js';
+import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
+import { isProcessAlive, waitForProcessExit } from '../../src/util/proc.js';
+import { CLI, getInstance, op, startTestDaemon, stopTestDaemon, waitForState, type TestDaemon } from '../helpers/daemon.js';
+
+/** Every runc container whose bundle is under `dataDir` is removed (clean-up even after a failure). */
+function removeContainersOf(dataDir: string): void {
+  const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
+  const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
+  for (const c of list) if (c.bundle.startsWith(dataDir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
+}
+
+/** The first event of `type` for `name` on the SSE stream (from the start of the daemon's buffer). */
+function waitForEvent(d: TestDaemon, type: string, name: string, timeoutMs: number): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ socketPath: join(d.dataDir, 'hyperfold.sock'), path: `/api/v1/events?since=0&types=${type}` }, (res) => {
+      let buf = '';
+      res.setEncoding('utf8');
+      res.on('data', (c: string) => {
+        buf += c;
+        for (const m of buf.matchAll(/^data: (.*)$/gm)) {
+          const ev = JSON.parse(m[1]!) as { type: string; data: Record<string, unknown> };
+          if (ev.type === type && ev.data.name === name) {
+            clearTimeout(timer);
+            req.destroy();
+            resolve(ev.data);
+            return;
+          }
+        }
+      });
+    });
+    req.on('error', () => undefined);
+    const timer = setTimeout(() => {
+      req.destroy();
+      reject(new Error(`no ${type} event for ${name} within ${timeoutMs} ms`));
+    }, timeoutMs);
+  });
+}
+
+describe('system containers on runc', () => {
+  let dataDir: string;
+  let d: TestDaemon;
+  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', dataDir, ...args], { encoding: 'utf8', timeout: 60_000 });
+  const cliIn = (input: string, ...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', dataDir, ...args], { encoding: 'utf8', timeout: 60_000, input });
+  const cgroup = async (name: string) => new ContainerCgroup(hostCgroupLayout(), containerCgroupPath((await getInstance(d.api, name)).id));
+
+  before(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), 'hf-ct-'));
+    d = await startTestDaemon(dataDir, { HYPERFOLD_STOP_TIMEOUT_MS: '10000' });
+  });
+  after(async () => {
+    if (d) await stopTestDaemon(d, 'SIGKILL');
+    removeContainersOf(dataDir);
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('launches a busybox container with the CLI: init is PID 1, type shows in list', async () => {
+    const r = cli('launch', 'busybox', 'c1', '--container', '--cpus', '0.5', '--memory', '64M', '--pids-limit', '40');
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /launched container c1 \(running\)/);
+    assert.match(cli('list').stdout, /c1\s+container\s+running\s+0\.5\s+64MiB\s+busybox/);
+    const inst = await getInstance(d.api, 'c1');
+    assert.ok(inst.runtime && isProcessAlive(inst.runtime.pid, inst.runtime.pidStartTime));
+    assert.equal(cli('exec', 'c1', '--', 'cat', '/proc/1/comm').stdout.trim(), 'init');
+    assert.equal(cli('exec', 'c1', '--', 'hostname').stdout.trim(), 'c1');
+  });
+
+  it('cannot see host processes, runs in a user namespace, and has a read-only /sys', async () => {
+    const pids = cli('exec', 'c1', '--', 'sh', '-c', 'ls /proc | grep -E "^[0-9]+$"').stdout.trim().split('\n').map(Number);
+    assert.ok(pids.length < 10, `few processes inside: ${pids.join(' ')}`);
+    assert.ok(!pids.includes(process.pid) || process.pid < 10, 'the test runner is not visible');
+    const killHost = cli('exec', 'c1', '--', 'kill', '-0', String(d.proc.pid));
+    assert.notEqual(killHost.status, 0, 'the daemon pid cannot be signalled from inside');
+    const map = cli('exec', 'c1', '--', 'cat', '/proc/self/uid_map').stdout.trim().split(/\s+/).map(Number);
+    assert.equal(map[0], 0);
+    assert.ok(map[1]! >= 100_000, `root inside maps to an unprivileged host id (${map[1]})`);
+    assert.equal(statSync(join(dataDir, 'instances', 'c1', 'rootfs', 'bin', 'busybox')).uid, map[1], 'the rootfs is owned by the mapped id');
+    const touch = cli('exec', 'c1', '--', 'touch', '/sys/hf-test');
+    assert.notEqual(touch.status, 0);
+    assert.match(touch.stderr, /Read-only file system/);
+    assert.match(cli('info', 'c1').stdout, /Privileged:\s+no/);
+  });
+
+  it('exec returns the output, exit status and stdin of the command; exec into a stopped container is refused', async () => {
+    const r = cli('exec', 'c1', '--', 'sh', '-c', 'echo out-$((6*7)); echo err >&2; exit 3');
+    assert.equal(r.stdout, 'out-42\n');
+    assert.equal(r.stderr, 'err\n');
+    assert.equal(r.status, 3);
+    assert.equal(cliIn('piped input\n', 'exec', 'c1', '--', 'cat').stdout, 'piped input\n');
+  });
+
+  it('answers on the console (websocket)', async () => {
+    const ws = d.api.websocket('/api/v1/instances/c1/console');
+    let got = '';
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no echo; got: ${got.slice(-500)}`)), 15_000);
+      ws.on('open', () => ws.send('echo hf-$((6*7))-console\n'));
+      ws.on('message', (b: Buffer) => {
+        got += b.toString();
+        if (got.includes('hf-42-console')) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      ws.on('error', reject);
+    });
+    ws.close();
+    assert.match(got, /hf-42-console/);
+  });
+
+  it('enforces the PID limit', async () => {
+    const cg = await cgroup('c1');
+    assert.equal((await cg.usage()).pidsLimit, 40);
+    const r = cli('exec', 'c1', '--timeout', '30', '--', 'sh', '-c', 'for i in $(seq 80); do sleep 3 & done 2>&1; wait; echo done');
+    assert.match(r.stdout + r.stderr, /can't fork|Resource temporarily unavailable|Try again/i, 'forks beyond the limit fail');
+    const u = await cg.usage();
+    assert.ok((u.pids ?? 0) <= 40);
+    // The shell gave up at the first failed fork: let its sleeps end before the next test.
+    const deadline = Date.now() + 10_000;
+    while (((await cg.usage()).pids ?? 0) > 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+  });
+
+  it('enforces the memory limit: an allocation beyond it is OOM-killed and an event is published', async () => {
+    const event = waitForEvent(d, 'instance.oom', 'c1', 30_000);
+    // `tail` keeps the last lines in memory: 200 MiB of zeros without a newline is far over 64 MiB.
+    const r = cli('exec', 'c1', '--timeout', '60', '--', 'sh', '-c', 'head -c 200m /dev/zero | tail >/dev/null; echo "tail exit $?"');
+    assert.match(r.stdout, /tail exit 137/, `the allocating process was SIGKILLed: ${r.stdout} ${r.stderr}`);
+    const ev = await event;
+    assert.ok(Number(ev.kills) >= 1);
+    assert.ok(((await (await cgroup('c1')).usage()).oomKills ?? 0) >= 1);
+    assert.equal((await getInstance(d.api, 'c1')).state, 'running', 'init itself was not the victim');
+  });
+
+  it('changes limits of the running container live (config set), visible in the cgroup', async () => {
+    const r = cli('config', 'set', 'c1', 'memory=96M', 'cpus=1', 'pids=60');
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /applied now: .*memoryMiB/);
+    const u = await (await cgroup('c1')).usage();
+    assert.equal(u.memoryLimitBytes, 96 * 1024 * 1024);
+    assert.equal(u.cpuQuotaUs, 100_000);
+    assert.equal(u.pidsLimit, 60);
+    const inst = await getInstance(d.api, 'c1');
+    assert.equal(inst.config.memoryMiB, 96);
+    assert.deepEqual(inst.pending, {});
+  });
+
+  it('pauses (freezer) and resumes', async () => {
+    assert.equal((await op(d.api, 'POST', '/api/v1/instances/c1/pause', {})).status, 'success');
+    assert.equal((await getInstance(d.api, 'c1')).state, 'paused');
+    assert.equal(await (await cgroup('c1')).frozen(), true);
+    assert.equal((await op(d.api, 'POST', '/api/v1/instances/c1/resume', {})).status, 'success');
+    assert.equal(await (await cgroup('c1')).frozen(), false);
+    assert.equal(cli('exec', 'c1', '--', 'echo', 'thawed').stdout, 'thawed\n');
+  });
+
+  it('keeps running when the daemon is SIGKILLed; a new daemon re-attaches', async () => {
+    const before = await getInstance(d.api, 'c1');
+    await stopTestDaemon(d, 'SIGKILL');
+    assert.ok(isProcessAlive(before.runtime!.pid, before.runtime!.pidStartTime), 'the container outlived the daemon');
+    d = await startTestDaemon(dataDir, { HYPERFOLD_STOP_TIMEOUT_MS: '10000' });
+    const afterRestart = await getInstance(d.api, 'c1');
+    assert.equal(afterRestart.state, 'running');
+    assert.equal(afterRestart.runtime?.pid, before.runtime?.pid);
+    assert.equal(cli('exec', 'c1', '--', 'echo', 'still-here').stdout, 'still-here\n');
+  });
+
+  it('marks a container whose init dies as crashed, and the restart policy brings it back', async () => {
+    assert.equal(cli('config', 'set', 'c1', 'restart-policy=on-failure').status, 0);
+    const pid = (await getInstance(d.api, 'c1')).runtime!.pid;
+    process.kill(pid, 'SIGKILL');
+    await waitForProcessExit(pid, undefined, 5000);
+    const crashed = await waitForEvent(d, 'instance.crashed', 'c1', 10_000);
+    assert.match(String(crashed.reason), /init/);
+    const back = await waitForState(d.api, 'c1', 'running', 20_000);
+    assert.notEqual(back.runtime?.pid, pid);
+    assert.equal(back.restartCount, 1);
+  });
+
+  it('stops gracefully (SIGTERM to init), then deletes with nothing left', async () => {
+    const inst = await getInstance(d.api, 'c1');
+    const stopped = await op(d.api, 'POST', '/api/v1/instances/c1/stop', { timeout: 20 });
+    assert.equal(stopped.status, 'success', JSON.stringify(stopped.error));
+    assert.doesNotMatch(JSON.stringify(stopped.messages), /forcing/);
+    const s = await getInstance(d.api, 'c1');
+    assert.equal(s.state, 'stopped');
+    assert.equal(s.lastExit?.clean, true);
+    assert.ok(!isProcessAlive(inst.runtime!.pid, inst.runtime!.pidStartTime));
+    const exec = cli('exec', 'c1', '--', 'true');
+    assert.notEqual(exec.status, 0);
+    assert.match(exec.stderr, /HF_ERR_INSTANCE_NOT_RUNNING/);
+    const del = cli('delete', 'c1');
+    assert.equal(del.status, 0, del.stderr);
+    assert.equal(existsSync(join(dataDir, 'instances', 'c1')), false);
+    assert.equal(existsSync(join(DEFAULT_RUNC_ROOT, inst.id)), false, 'runc state removed');
+    const memDir = new ContainerCgroup(hostCgroupLayout(), containerCgroupPath(inst.id)).dir('memory');
+    assert.ok(memDir && !existsSync(memDir), 'cgroup removed');
+    assert.doesNotThrow(() => readFileSync(join(dataDir, 'state.db')));
+  });
+});
