@@ -16,7 +16,10 @@
 //  - vCPUs up: device_add of the CPU type QEMU lists at the lowest free socket/core/thread;
 //    beyond the slots QEMU has (`-smp …,maxcpus=`): pending.
 //  - vCPUs down: device_del of the highest populated slots (never the boot CPU); the executor
-//    waits for the guest to release them and turns the field pending when it does not.
+//    waits for the guest to release them and turns the field pending when it does not. Under TCG
+//    vCPUs are never unplugged live: with QEMU 7.2 a TCG vCPU unplug corrupts QEMU's heap and
+//    the next CPU hot-plug kills the VM (double free / SIGSEGV, reproduced on Debian 12's
+//    7.2+dfsg-7), so fewer vCPUs wait for the next boot there.
 //  - boot-time settings (max memory, max vCPUs, accelerator, device model…): pending unless
 //    unchanged.
 import { HfError } from './errors.js';
@@ -67,6 +70,8 @@ export interface LiveVmState {
     guestAvailableMiB?: number;
   };
   cpuSlots: CpuSlot[];
+  /** The accelerator QEMU runs with (query-kvm): vCPU unplug is only done under KVM. */
+  accel: 'kvm' | 'tcg';
   /** Device and object ids in use (new ids must not collide). */
   takenIds: string[];
 }
@@ -240,6 +245,13 @@ function planCpus(target: number, s: LiveVmState, taken: Set<string>): FieldPlan
     };
   }
   if (target < 1) throw new HfError('HF_ERR_VALIDATION', 'a VM needs at least 1 vCPU');
+  if (s.accel === 'tcg') {
+    return {
+      steps: [],
+      live: false,
+      note: `vcpus: vCPUs are not unplugged live under TCG (QEMU 7.2 corrupts its state on a TCG vCPU unplug and a later hot-plug crashes the VM): ${target} vCPUs apply at next boot`,
+    };
+  }
   // Remove from the top; the first slot holds the boot CPU, which x86 cannot unplug.
   const removable = present.slice(1).reverse().slice(0, present.length - target);
   return {

@@ -80,7 +80,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const images = new ImageService(store, paths, operations);
   images.registerBuilder(await tinyImageBuilder());
   for (const b of containerImageBuilders()) images.registerBuilder(b);
-  // Areas that hook into the instance lifecycle (storage: snapshot records) add themselves here.
+  // Areas that hook into the instance lifecycle (snapshot records…) add themselves here.
   const extensions: InstanceExtension[] = [];
   const instances = new InstanceService({
     extensions,
@@ -101,7 +101,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const storage = new StorageService({ store, paths, operations, instances, images, events, log: log.child({ component: 'storage' }) });
   await storage.init();
   const snapshots = new SnapshotService({ store, instances, operations, storage, events, log: log.child({ component: 'snapshots' }) });
-  extensions.push(storage.extension(), snapshots.extension());
+  extensions.push(snapshots.extension());
   const netHost = new LinuxNetHost(log.child({ component: 'network' }), { onDhcpRestart: (network, pid) => events.publish('network.dhcp-restarted', { network, pid }) });
   const networks = new NetworkService({ store, host: netHost, names: new NetNames(tagFor(paths.root)), networksDir: `${paths.root}/networks`, dataDir: paths.root, events, operations, log: log.child({ component: 'network' }) });
   networks.bindInstances(instances);

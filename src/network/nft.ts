@@ -112,6 +112,17 @@ export function buildRuleset(spec: RulesetSpec): string {
   // ---- inet ------------------------------------------------------------------------------
   line(0, `table inet ${T} {`);
 
+  // Managed bridges have route_localnet (so that forwards work from the host through
+  // 127.0.0.1): never let an instance address the host's loopback through it.
+  line(1, 'chain guard_in {');
+  line(2, 'type filter hook prerouting priority raw; policy accept;');
+  if (bridges.length) {
+    const set = `{ ${bridges.map(q).join(', ')} }`;
+    line(2, `iifname ${set} ip daddr 127.0.0.0/8 counter drop`);
+    line(2, `iifname ${set} ip saddr 127.0.0.0/8 counter drop`);
+  }
+  line(1, '}');
+
   // Port forwards: from anywhere to a local address (prerouting), and from the host itself (output).
   for (const [chain, hook, prio] of [
     ['forward_in', 'prerouting', 'dstnat'],

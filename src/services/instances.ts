@@ -27,6 +27,7 @@ import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, Insta
 import { Collection, type Versioned } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
 import { QemuImg } from '../storage/qemu-img.js';
+import { createLinkedClone } from '../storage/overlay.js';
 import type { Logger } from '../util/log.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { UndoStack } from '../util/undo.js';
@@ -165,7 +166,7 @@ export class InstanceService {
       boot ??= img.boot;
       if (img.disk) {
         const root = join(dir, 'root.qcow2');
-        await this.qemuImg.createOverlay(root, img.disk.path, img.disk.format);
+        await createLinkedClone(root, img.disk.path, img.disk.format, this.qemuImg);
         disks.push({ name: 'root', path: root, format: 'qcow2', media: 'disk', readonly: false });
       }
     }

@@ -36,7 +36,6 @@ import { QemuImg, readQcow2Backing, sha256File } from '../storage/qemu-img.js';
 import type { Logger } from '../util/log.js';
 import { UndoStack } from '../util/undo.js';
 import type { EventBus } from './events.js';
-import type { InstanceExtension } from './extensions.js';
 import type { ImageService } from './images.js';
 import type { InstanceService } from './instances.js';
 import type { OperationContext, OperationManager } from './operations.js';
@@ -130,11 +129,6 @@ export class StorageService {
 
   registerCopyProvider(type: string, p: CopyProvider): void {
     this.copyProviders.set(type, p);
-  }
-
-  /** The lifecycle hook: nothing to release at delete (volumes stay in their pool, detached). */
-  extension(): InstanceExtension {
-    return { name: 'storage' };
   }
 
   // ---- pools -----------------------------------------------------------------------------------
@@ -267,8 +261,9 @@ export class StorageService {
     if (await col.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `volume ${pool.name}/${req.name} already exists`);
     const path = b.volumePath(req.name, req.format);
     if (await exists(path)) throw new HfError('HF_ERR_ALREADY_EXISTS', `${path} already exists on pool ${pool.name} (not a registered volume): remove it or pick another name`);
-    // Thin: a new volume takes its metadata only; refuse when even that does not fit.
-    const need = req.format === 'qcow2' ? (await this.measureBlank(size)) : 0;
+    // Thin: a new volume takes its metadata only (qcow2: header, refcounts, L1 — under 1 MiB);
+    // refuse when even that does not fit.
+    const need = req.format === 'qcow2' ? Math.min(size, 1024 * 1024) : 0;
     checkRoom(pool.name, `volume ${req.name}`, need, (await b.usage()).freeBytes);
     return UndoStack.run(async (undo) => {
       const p = await b.createVolume(req.name, req.format, size);
@@ -278,11 +273,6 @@ export class StorageService {
       this.d.events.publish('storage.volume.created', { ref: `${pool.name}/${rec.name}` });
       return this.volumeView(rec, new Map());
     }, this.d.log);
-  }
-
-  private async measureBlank(size: number): Promise<number> {
-    // qcow2 metadata for an empty image: a header cluster, refcounts and L1 — a few hundred KiB.
-    return Math.min(size, 1024 * 1024);
   }
 
   /** Grows a volume; live (block_resize) when its instance runs. */
@@ -422,13 +412,18 @@ export class StorageService {
     }
     const memoryMiB = req.memory === undefined ? undefined : typeof req.memory === 'number' ? req.memory : Math.floor(parseSize(req.memory, 'memory') / 1048576);
     this.busyImages.add(req.name);
-    return this.d.operations.start('image.import', { kind: 'image', name: req.name }, async (ctx) => {
-      try {
-        return await this.doImport(ctx, req, pool, isUrl, memoryMiB);
-      } finally {
-        this.busyImages.delete(req.name);
-      }
-    });
+    try {
+      return await this.d.operations.start('image.import', { kind: 'image', name: req.name }, async (ctx) => {
+        try {
+          return await this.doImport(ctx, req, pool, isUrl, memoryMiB);
+        } finally {
+          this.busyImages.delete(req.name);
+        }
+      });
+    } catch (e) {
+      this.busyImages.delete(req.name);
+      throw e;
+    }
   }
 
   private async checkNewImageName(name: string): Promise<void> {

@@ -261,6 +261,30 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
     assert.equal(cli('firewall', 'remove', 'c2', '0').status, 0);
   });
 
+  it("cannot reach the host's loopback (where the API listens) from an instance", async () => {
+    const ns = nsOf('c1');
+    const gw = (await net('default')).gateway!;
+    const guard = () => [...sh('nft', ['list', 'chain', 'inet', names.table, 'guard_in']).stdout.matchAll(/counter packets (\d+)/g)].reduce((s, m) => s + Number(m[1]), 0);
+    const api = new URL(d.url);
+    assert.equal(api.hostname, '127.0.0.1');
+    // Inside the namespace, send 127.0.0.0/8 to the gateway instead of lo: what a hostile guest can do.
+    sh('ip', ['-n', ns, 'route', 'del', 'local', '127.0.0.0/8', 'dev', 'lo', 'table', 'local']);
+    sh('ip', ['-n', ns, 'route', 'del', 'local', '127.0.0.1', 'dev', 'lo', 'table', 'local']);
+    sh('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv4.conf.eth0.route_localnet=1']);
+    assert.equal(sh('ip', ['-n', ns, 'route', 'add', '127.0.0.0/8', 'via', gw, 'dev', 'eth0']).status, 0);
+    const before = guard();
+    try {
+      const r = sh('ip', ['netns', 'exec', ns, 'curl', '-s', '-m', '2', `${d.url}/api/v1`]);
+      assert.notEqual(r.status, 0, `the API answered an instance: ${r.stdout}`);
+      assert.ok(guard() > before, 'the guard rule dropped it');
+    } finally {
+      sh('ip', ['-n', ns, 'route', 'del', '127.0.0.0/8', 'via', gw, 'dev', 'eth0']);
+      sh('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv4.conf.eth0.route_localnet=0']);
+      sh('ip', ['-n', ns, 'route', 'add', 'local', '127.0.0.0/8', 'dev', 'lo', 'table', 'local']);
+      sh('ip', ['-n', ns, 'route', 'add', 'local', '127.0.0.1', 'dev', 'lo', 'table', 'local']);
+    }
+  });
+
   it('forwards a host port to the instance, from the host itself too', async () => {
     const port = freePort();
     const fwd = cli('forward', 'add', 'c2', '--host-port', String(port), '--port', '8080');
@@ -328,6 +352,20 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
       sh('ip', ['link', 'set', peer, 'netns', peerNs]);
       sh('ip', ['-n', peerNs, 'addr', 'add', '10.213.77.3/24', 'dev', peer]);
       sh('ip', ['-n', peerNs, 'link', 'set', peer, 'up']);
+      // VLAN (tried first: a VLAN goes on an uplink that is not a bridge port): either the kernel has 802.1Q (a VLAN interface joins the bridge) or a named error, nothing left.
+      const beforeVlan = ownState().links;
+      const v = cli('network', 'create', 'lan10', '--bridge-to', up, '--vlan', '10');
+      if (v.status === 0) {
+        const l10 = await net('lan10');
+        assert.equal(l10.vlan, 10);
+        assert.match(sh('ip', ['-d', 'link', 'show', 'dev', names.vlan('lan10')]).stdout, /vlan protocol 802\.1Q id 10/);
+        assert.equal(cli('network', 'delete', 'lan10').status, 0);
+        assert.equal((JSON.parse(sh('ip', ['-j', 'link', 'show', 'dev', up]).stdout) as Array<{ master?: string }>)[0]!.master, undefined);
+      } else {
+        assert.match(v.stderr, /HF_ERR_UNSUPPORTED/);
+        assert.match(v.stderr, /802\.1Q/);
+      }
+      assert.deepEqual(ownState().links, beforeVlan, 'nothing left by the VLAN attempt');
       const r = cli('network', 'create', 'lan', '--bridge-to', up);
       assert.equal(r.status, 0, r.stderr);
       const lan = await net('lan');
@@ -342,19 +380,6 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
       assert.ok(ping(nsOf('c4'), '10.213.77.3'), 'c4 reaches the LAN through the bridge');
       sh('ip', ['-n', nsOf('c4'), 'link', 'set', 'dev', 'eth0', 'address', '52:54:00:de:ad:04']);
       assert.ok(!ping(nsOf('c4'), '10.213.77.3'), 'a forged MAC is dropped on bridged networks too');
-      // VLAN: either the kernel has 802.1Q (a VLAN interface joins the bridge) or a named error, nothing left.
-      const beforeVlan = ownState().links;
-      const v = cli('network', 'create', 'lan10', '--bridge-to', up, '--vlan', '10');
-      if (v.status === 0) {
-        const l10 = await net('lan10');
-        assert.equal(l10.vlan, 10);
-        assert.match(sh('ip', ['-d', 'link', 'show', 'dev', names.vlan('lan10')]).stdout, /vlan protocol 802\.1Q id 10/);
-        assert.equal(cli('network', 'delete', 'lan10').status, 0);
-      } else {
-        assert.match(v.stderr, /HF_ERR_UNSUPPORTED/);
-        assert.match(v.stderr, /802\.1Q/);
-      }
-      assert.deepEqual(ownState().links, beforeVlan, 'nothing left by the VLAN attempt');
       assert.equal(cli('delete', '-f', 'c4').status, 0);
       assert.equal(cli('network', 'delete', 'lan').status, 0);
       assert.equal((JSON.parse(sh('ip', ['-j', 'link', 'show', 'dev', up]).stdout) as Array<{ master?: string }>)[0]!.master, undefined, 'the uplink is released');

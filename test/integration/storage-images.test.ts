@@ -126,8 +126,8 @@ describe('image import, publish and export with real qemu-img and QEMU (TCG)', (
 
     // The published image boots with the marker in it, even with its source VM gone.
     assert.equal((await op(t.d.api, 'DELETE', '/api/v1/instances/vmdk1')).status, 'success');
-    const del = await op(t.d.api, 'POST', '/api/v1/instances', { name: 'gold1', image: 'golden', accel: 'tcg', start: true }).catch(() => undefined);
-    void del;
+    const launched = await op(t.d.api, 'POST', '/api/v1/instances', { name: 'gold1', image: 'golden', accel: 'tcg', start: true });
+    assert.equal(launched.status, 'success', JSON.stringify(launched.error));
     await waitForBoot(t.d.api, 'gold1', 1);
     assert.equal((await guestSh(t.d.api, 'gold1', 'cat /mnt/pub')).trim(), 'published-marker');
     await op(t.d.api, 'POST', '/api/v1/instances/gold1/stop', { force: true });

@@ -43,6 +43,8 @@ class FakeVm {
   readonly objects = new Set<string>();
   readonly cpus: Array<{ socket: number; qomPath?: string }> = [];
   balloon: 'active' | 'inactive' | 'absent' = 'active';
+  /** query-kvm `enabled` (vCPU unplug is only attempted under KVM). */
+  kvm = false;
   actualMiB: number;
   availableMiB = 180;
   pollInterval = 0;
@@ -87,6 +89,7 @@ class FakeVm {
     s.setHandler('query-cpus-fast', () => ({
       return: this.cpus.filter((c) => c.qomPath).map((c, i) => ({ 'cpu-index': i, 'qom-path': c.qomPath, 'thread-id': 1000 + c.socket, target: 'x86_64', props: props(c.socket) })),
     }));
+    s.setHandler('query-kvm', () => ({ return: { enabled: this.kvm, present: true } }));
     s.setHandler('qom-list', () => ({ return: [...this.objects].map((name) => ({ name, type: 'child<memory-backend-ram>' })) }));
     s.setHandler('qom-get', (a) => {
       if (a?.path === '/machine' && a.property === 'memory') {
@@ -252,6 +255,9 @@ describe('live changes over QMP (fake monitor)', () => {
     assert.equal(s.cpuSlots.length, 2);
     assert.equal(s.cpuSlots.filter((c) => c.qomPath).length, 1);
     assert.ok(s.takenIds.includes('mem-dimm0') && s.takenIds.includes('dimm0'));
+    assert.equal(s.accel, 'tcg');
+    v.kvm = true;
+    assert.equal((await readLiveVmState(client)).accel, 'kvm');
   });
 
   it('grows memory with object-add + pc-dimm at a slot and adds a vCPU at the free socket', async () => {
@@ -304,8 +310,9 @@ describe('live changes over QMP (fake monitor)', () => {
     assert.match(r.notes[0]!, /hot-plugging vCPU cpu-s1-c0-t0 failed \(0 of 1 added\): CPU hot-plug failed; applies at next boot/);
   });
 
-  it('unplugs a vCPU when the guest releases it, and leaves it pending when it does not', async () => {
+  it('unplugs a vCPU (KVM) when the guest releases it, and leaves it pending when it does not', async () => {
     const { vm: v, client } = await vm({ ...baseConfig, vcpus: 2 });
+    v.kvm = true;
     const ok = await applyLiveChanges(client, { vcpus: 1 }, { ...baseConfig, vcpus: 2 }, { cpuUnplugTimeoutMs: 2000 });
     assert.deepEqual(ok.applied, ['vcpus']);
     assert.deepEqual(v.commands('device_del'), [{ id: '/machine/unattached/device[1]' }]);
@@ -313,12 +320,19 @@ describe('live changes over QMP (fake monitor)', () => {
 
     const { vm: stubborn, client: c2 } = await vm({ ...baseConfig, vcpus: 2 });
     stubborn.cooperateUnplug = false;
+    stubborn.kvm = true;
     const t0 = Date.now();
     const r = await applyLiveChanges(c2, { vcpus: 1 }, { ...baseConfig, vcpus: 2 }, { cpuUnplugTimeoutMs: 400 });
     assert.ok(Date.now() - t0 >= 400);
     assert.deepEqual(r.applied, []);
     assert.deepEqual(r.pending, ['vcpus']);
-    assert.match(r.notes[0]!, /did not release vCPU \/machine\/unattached\/device\[1\] within 0 s \(0 of 1 removed\)/);
+    assert.match(r.notes[0]!, /did not release vCPU \/machine\/unattached\/device\[1\] within 0.4 s \(0 of 1 removed\)/);
+
+    // Under TCG nothing is sent at all.
+    const { vm: tcg, client: c3 } = await vm({ ...baseConfig, vcpus: 2 });
+    const t = await applyLiveChanges(c3, { vcpus: 1 }, { ...baseConfig, vcpus: 2 });
+    assert.deepEqual(t.pending, ['vcpus']);
+    assert.equal(tcg.commands('device_del').length, 0);
   });
 
   it('no balloon device (DeviceNotActive): shrinking is pending with a note', async () => {
@@ -384,6 +398,7 @@ class LiveFakeDriver extends FakeDriver {
   readonly vms = new Map<string, FakeVm>();
   readonly startedWith: InstanceConfig[] = [];
   private readonly clients: QmpClient[] = [];
+  private readonly all: FakeVm[] = [];
 
   override async start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
     const h: InstanceHandle = await super.start(instance, ctx);
@@ -391,6 +406,7 @@ class LiveFakeDriver extends FakeDriver {
     const client = await connect(v);
     this.clients.push(client);
     this.vms.set(instance.name, v);
+    this.all.push(v);
     this.startedWith.push(instance.config);
     h.applyLive = (changes, current) => applyLiveChanges(client, changes, current, { cpuUnplugTimeoutMs: 300, balloonWaitMs: 500 });
     h.liveInfo = async () => ({ ...(await readLiveInfo(client)) });
@@ -399,7 +415,7 @@ class LiveFakeDriver extends FakeDriver {
 
   async close(): Promise<void> {
     for (const c of this.clients) await c.close();
-    for (const v of this.vms.values()) await v.server.close();
+    for (const v of this.all) await v.server.close();
   }
 }
 
@@ -553,10 +569,10 @@ describe('live changes through the instance service and the API', () => {
     assert.match(errorOf(r).message, /more than the host's 4GiB/);
 
     await launch('other', { memory: '3G', maxMemory: '3G' });
-    const c = await call('PATCH', '/api/v1/instances/big', { memory: '1G' });
+    const c = await call('PATCH', '/api/v1/instances/big', { memory: '1536M' });
     assert.equal(c.status, 422);
     assert.equal(errorOf(c).code, 'HF_ERR_INSUFFICIENT_RESOURCES');
-    assert.match(errorOf(c).message, /would commit 4GiB of memory, above the limit of 4GiB/);
+    assert.match(errorOf(c).message, /would commit 4.5GiB of memory, above the limit of 4GiB/);
     assert.equal(driver.vms.get('big')!.totalMiB, 256);
   });
 

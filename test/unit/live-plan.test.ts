@@ -44,6 +44,7 @@ function state(over: Partial<LiveVmState> = {}): LiveVmState {
     balloon: { status: 'active', actualMiB: 256 },
     // QEMU lists hot-pluggable CPUs highest socket first.
     cpuSlots: [cpu(1, false), cpu(0, true)],
+    accel: 'kvm',
     takenIds: [],
     ...over,
   };
@@ -199,6 +200,16 @@ describe('live plan: vCPUs', () => {
     const s = state({ cpuSlots: [cpu(3, false), cpu(2, true), cpu(1, true), cpu(0, true)] });
     const p = planLiveChange({ ...config, vcpus: 3, maxVcpus: 4 }, { vcpus: 1 }, s);
     assert.deepEqual(p.steps.map((x) => (x.kind === 'cpu-del' ? x.qomPath : x.kind)), ['/machine/peripheral/cpu-s2-c0-t0', '/machine/peripheral/cpu-s1-c0-t0']);
+  });
+
+  it('under TCG keeps fewer vCPUs pending instead of unplugging (QEMU 7.2 TCG unplug breaks later hot-plugs)', () => {
+    const s = state({ accel: 'tcg', cpuSlots: [cpu(1, true), cpu(0, true)] });
+    const p = planLiveChange({ ...config, vcpus: 2 }, { vcpus: 1 }, s);
+    assert.deepEqual(p.steps, []);
+    assert.deepEqual(p.pending, ['vcpus']);
+    assert.match(p.notes[0]!, /not unplugged live under TCG.*1 vCPUs apply at next boot/);
+    // Adding under TCG is fine.
+    assert.deepEqual(planLiveChange(config, { vcpus: 2 }, state({ accel: 'tcg' })).applied, ['vcpus']);
   });
 
   it('keeps vCPUs above the slots QEMU has pending', () => {

@@ -72,6 +72,13 @@ describe('nftables ruleset', () => {
     assert.doesNotMatch(script, /hfunitb-lan/);
   });
 
+  it('never lets an instance reach the host loopback (route_localnet is on for forwards)', () => {
+    const guard = chainBody(script, 'guard_in');
+    assert.match(guard, /type filter hook prerouting priority raw/);
+    assert.match(guard, /iifname \{ "hfunitb-default", "hfunitb-lab" \} ip daddr 127\.0\.0\.0\/8 counter drop/);
+    assert.match(guard, /iifname \{ "hfunitb-default", "hfunitb-lab" \} ip saddr 127\.0\.0\.0\/8 counter drop/);
+  });
+
   it('forwards ports from outside and from the host itself', () => {
     assert.equal(script.match(/fib daddr type local tcp dport 18080 counter dnat ip to 10\.200\.1\.2:80/g)?.length, 2);
     assert.match(script, /type nat hook output priority -100/);

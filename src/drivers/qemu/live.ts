@@ -5,7 +5,8 @@
 //     `balloon` to the exact target and a short wait for the guest to get there;
 //   - vCPUs: device_add of the CPU type at a free slot from query-hotpluggable-cpus; device_del
 //     of the highest slots, then a wait until QEMU reports the slot empty (the guest must eject
-//     it through ACPI; a guest that does not within the timeout leaves the field pending).
+//     it through ACPI; a guest that does not within the timeout leaves the field pending). Under
+//     TCG the planner never unplugs (see core/live-plan.ts for the QEMU 7.2 crash behind that).
 // Balloon statistics: `guest-stats-polling-interval` on the balloon device makes the guest
 // driver report its memory counters; `guest-stats` reads the latest ones.
 import { HfError, isHfError } from '../../core/errors.js';
@@ -157,7 +158,7 @@ interface Snapshot {
 /** Everything the planner and `info` need, read from QEMU now. */
 async function snapshot(client: QmpClient): Promise<Snapshot> {
   const qmp = new Qmp(client);
-  const [summary, machineMem, devices, hotCpus, cpusFast, balloon, objects] = await Promise.all([
+  const [summary, machineMem, devices, hotCpus, cpusFast, balloon, objects, kvm] = await Promise.all([
     qmp.queryMemorySizeSummary(),
     client.run<QomMachineMemory>('qom-get', { path: '/machine', property: 'memory' }).catch(() => undefined),
     qmp.queryMemoryDevices(),
@@ -165,6 +166,7 @@ async function snapshot(client: QmpClient): Promise<Snapshot> {
     qmp.queryCpusFast(),
     probeBalloon(qmp),
     client.run<Array<{ name: string; type: string }>>('qom-list', { path: '/objects' }).catch(() => [] as Array<{ name: string; type: string }>),
+    qmp.queryKvm(),
   ]);
   const bootMiB = Math.round(summary['base-memory'] / MiB);
   const dimms: LiveDimm[] = [];
@@ -203,6 +205,7 @@ async function snapshot(client: QmpClient): Promise<Snapshot> {
       ...(fresh && stats?.availableMiB !== undefined ? { guestAvailableMiB: stats.availableMiB } : {}),
     },
     cpuSlots,
+    accel: kvm.enabled ? 'kvm' : 'tcg',
     takenIds: taken,
   };
   return { state, ...(balloon.path ? { balloonPath: balloon.path } : {}), ...(stats ? { stats } : {}), cpusFast };
@@ -241,6 +244,7 @@ export async function readLiveInfo(client: QmpClient): Promise<VmLiveInfo> {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const secs = (ms: number): string => `${ms < 10_000 ? (ms / 1000).toFixed(1) : Math.round(ms / 1000)} s`;
 
 function describe(e: unknown): string {
   if (isHfError(e, 'HF_ERR_QMP_COMMAND') && typeof e.details?.desc === 'string') return e.details.desc;
@@ -265,7 +269,7 @@ async function runBalloon(qmp: Qmp, targetMiB: number, waitMs: number): Promise<
     if (Date.now() >= deadline) break;
     await sleep(100);
   }
-  return `memory: the guest is still adjusting its balloon (${formatMiB(actual)} of target ${formatMiB(targetMiB)} after ${Math.round(waitMs / 1000)} s); it continues in the background`;
+  return `memory: the guest is still adjusting its balloon (${formatMiB(actual)} of target ${formatMiB(targetMiB)} after ${secs(waitMs)}); it continues in the background`;
 }
 
 async function addDimm(qmp: Qmp, step: Extract<LiveStep, { kind: 'dimm-add' }>): Promise<void> {
@@ -346,7 +350,7 @@ export async function applyLiveChanges(client: QmpClient, changes: Partial<Insta
             failed.add('vcpus');
             demote(
               'vcpus',
-              `vcpus: the guest did not release vCPU ${step.qomPath} within ${Math.round(timeoutMs / 1000)} s (${cpuRemoved} of ${cpuDels} removed); the new count applies at next boot`,
+              `vcpus: the guest did not release vCPU ${step.qomPath} within ${secs(timeoutMs)} (${cpuRemoved} of ${cpuDels} removed); the new count applies at next boot`,
             );
             continue;
           }
