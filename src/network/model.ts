@@ -57,6 +57,7 @@ export const macReservationSchema = z.object({
   mac: z.string(),
   instance: z.string(),
   nic: z.string(),
+  network: z.string().optional(),
 });
 export type MacReservation = z.infer<typeof macReservationSchema>;
 

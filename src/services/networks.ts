@@ -243,11 +243,12 @@ export class NetworkService {
   async delete(name: string): Promise<void> {
     await this.lock.run(LOCK, 'network delete', async () => {
       const net = await this.load(name);
-      const users = (await this.instances.list()).filter((i) => i.config.nics.some((n) => n.network === name));
-      if (users.length) {
-        throw new HfError('HF_ERR_NETWORK_IN_USE', `network "${name}" is used by ${users.map((u) => u.name).join(', ')}: remove their NICs or delete them first`, {
-          details: { instances: users.map((u) => u.name) },
-        });
+      // Instances with a NIC on it, and reservations of creates still in flight (made under this lock).
+      const users = new Set((await this.instances.list()).filter((i) => i.config.nics.some((n) => n.network === name)).map((i) => i.name));
+      for (const { value: r } of await this.macs.list()) if (r.network === name) users.add(r.instance);
+      if (users.size) {
+        const list = [...users].sort();
+        throw new HfError('HF_ERR_NETWORK_IN_USE', `network "${name}" is used by ${list.join(', ')}: remove their NICs or delete them first`, { details: { instances: list } });
       }
       await this.d.host.stopDhcp(name);
       await this.tearDown(net);
@@ -459,7 +460,7 @@ export class NetworkService {
     const macsTaken = new Set((await this.macs.list()).map((v) => v.value.mac));
     const mac = req.mac ? normalizeMac(req.mac) : randomMac(macsTaken);
     try {
-      await this.macs.create(mac, { mac, instance: inst.name, nic: name });
+      await this.macs.create(mac, { mac, instance: inst.name, nic: name, network: net.name });
     } catch (e) {
       if (!isHfError(e, 'HF_ERR_ALREADY_EXISTS')) throw e;
       const owner = (await this.macs.get(mac))?.value;

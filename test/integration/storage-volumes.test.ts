@@ -173,4 +173,28 @@ describe('pools and volumes with real QEMU (TCG)', () => {
     assert.deepEqual((await readdir(small)).sort(), ['.staging', 'images', 'volumes']);
     spawnSync('umount', [small]);
   });
+  it('attaches, resizes and detaches on a stopped VM (records and qemu-img), and keeps images in other pools', async () => {
+    assert.equal((await getInstance(t.d.api, 'vol1')).state, 'stopped');
+    await t.d.api.request('POST', '/api/v1/storage/pools/extra/volumes', { name: 'data2', size: '32M' });
+    const a = await t.d.api.request<{ live: boolean; disk: { name: string } }>('POST', '/api/v1/instances/vol1/volumes', { volume: 'extra/data2', disk: 'cold' });
+    assert.equal(a.live, false);
+    assert.equal(a.disk.name, 'cold');
+    const r = await t.d.api.request<{ volume: VolumeView }>('POST', '/api/v1/storage/pools/extra/volumes/data2/resize', { size: '48M' });
+    assert.equal((await new QemuImg().info(r.volume.path)).virtualSize, 48 * MiB);
+    const d = await t.d.api.request<{ live: boolean }>('DELETE', '/api/v1/instances/vol1/volumes/extra/data2');
+    assert.equal(d.live, false);
+    await t.d.api.request('DELETE', '/api/v1/storage/pools/extra/volumes/data2');
+
+    // An image imported into another pool lives there, and goes with its record.
+    const src = join(scratch!, 'small.qcow2');
+    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', src, '8M']);
+    const imp = await op(t.d.api, 'POST', '/api/v1/images/import', { name: 'inextra', source: src, pool: 'extra' });
+    assert.equal(imp.status, 'success', JSON.stringify(imp.error));
+    assert.deepEqual(await readdir(join(scratch!, 'p', 'images', 'inextra')), ['disk.qcow2']);
+    await assert.rejects(t.d.api.request('DELETE', '/api/v1/storage/pools/extra'), (e: ApiError) => e.code === 'HF_ERR_CONFLICT' && /inextra/.test(e.message));
+    await t.d.api.request('DELETE', '/api/v1/images/inextra');
+    assert.deepEqual(await readdir(join(scratch!, 'p', 'images')), []);
+    await t.d.api.request('DELETE', '/api/v1/storage/pools/extra');
+    await assert.rejects(t.d.api.request('DELETE', '/api/v1/storage/pools/default'), (e: ApiError) => e.code === 'HF_ERR_CONFLICT');
+  });
 });
