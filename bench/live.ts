@@ -2,8 +2,7 @@
 //  1. Time from the API call (PATCH memory / vcpus) until the guest sees the new memory in
 //     /proc/meminfo and the new vCPU in /sys/devices/system/cpu/online; the baseline is the same
 //     QEMU command line driven by raw QMP (object-add + device_add) with no daemon in between.
-//  2. vCPU unplug: from the call until QEMU reports the slot empty (the guest ejected it).
-//  3. QEMU RSS after the guest touched (then freed) memory, after a balloon inflate (memory
+//  2. QEMU RSS after the guest touched (then freed) memory, after a balloon inflate (memory
 //     lowered) and after the balloon deflate (memory raised back).
 // The time to "see" is measured by a watcher loop inside the guest (armed before the call, it
 // prints a marker on the serial console as soon as the change is visible, polling every 10 ms).
@@ -91,43 +90,37 @@ class GuestConsole {
   }
 }
 
-const memCond = (kib: number): string => `[ $(awk '/MemTotal/{print $2}' /proc/meminfo) -ge ${kib} ]`;
+const memAtLeast = (kib: number): string => `[ $(awk '/MemTotal/{print $2}' /proc/meminfo) -ge ${kib} ]`;
 const memTotalSetup = "o=$(awk '/MemTotal/{print $2}' /proc/meminfo)";
 const memGrownCond = (mibMore: number): string => `[ $(awk '/MemTotal/{print $2}' /proc/meminfo) -ge $((o + ${(mibMore - 8) * 1024})) ]`;
 const cpuCond = (list: string): string => `[ "$(cat /sys/devices/system/cpu/online)" = "${list}" ]`;
 
 interface Driver {
   growMemory(toMiB: number): Promise<void>;
-  setCpus(n: number): Promise<void>;
+  setCpus(n: 2): Promise<void>;
 }
 
 interface Rounds {
   memSeen: number[];
-  cpuSeen: number[];
-  cpuUnplug: number[];
+  cpuSeen: number;
 }
 
 async function rounds(con: GuestConsole, drv: Driver, tag: string): Promise<Rounds> {
-  const r: Rounds = { memSeen: [], cpuSeen: [], cpuUnplug: [] };
+  const memSeen: number[] = [];
   let mem = 256;
   for (let i = 0; i < ROUNDS; i++) {
     mem += STEP_MIB;
     const seen = await con.arm(memTotalSetup, memGrownCond(STEP_MIB), `${tag}m${i}`);
     const t0 = performance.now();
     await drv.growMemory(mem);
-    r.memSeen.push((await seen()) - t0);
-
-    const cpuSeen = await con.arm('true', cpuCond('0-1'), `${tag}c${i}`);
-    const t1 = performance.now();
-    await drv.setCpus(2);
-    r.cpuSeen.push((await cpuSeen()) - t1);
-
-    const t2 = performance.now();
-    await drv.setCpus(1);
-    r.cpuUnplug.push(performance.now() - t2);
-    await con.run(`while ! ${cpuCond('0')}; do usleep 10000; done`, `${tag}u${i}`);
+    memSeen.push((await seen()) - t0);
   }
-  return r;
+  // One vCPU hot-plug: under TCG a vCPU cannot be unplugged to measure again (QEMU 7.2 crashes
+  // on the next hot-plug after a TCG unplug, see core/live-plan.ts).
+  const cpuSeen = await con.arm('true', cpuCond('0-1'), `${tag}c`);
+  const t1 = performance.now();
+  await drv.setCpus(2);
+  return { memSeen, cpuSeen: (await cpuSeen()) - t1 };
 }
 
 const CONFIG = (kernel: string, initrd: string): Instance['config'] => ({
@@ -176,17 +169,8 @@ async function rawBaseline(dataDir: string): Promise<Rounds> {
         await qmp.deviceAdd({ driver: 'pc-dimm', id: `raw${slot}`, memdev: `mem-raw${slot}`, slot });
         slot++;
       },
-      setCpus: async (n) => {
-        if (n === 2) {
-          await qmp.deviceAdd({ driver: 'max-x86_64-cpu', id: 'rawcpu1', 'socket-id': 1, 'core-id': 0, 'thread-id': 0 });
-          return;
-        }
-        await qmp.deviceDel('rawcpu1');
-        for (;;) {
-          const slots = await qmp.queryHotpluggableCpus();
-          if (!slots.find((c) => c.props['socket-id'] === 1)?.['qom-path']) break;
-          await new Promise((r) => setTimeout(r, 20));
-        }
+      setCpus: async () => {
+        await qmp.deviceAdd({ driver: 'max-x86_64-cpu', id: 'rawcpu1', 'socket-id': 1, 'core-id': 0, 'thread-id': 0 });
       },
     };
     const r = await rounds(con, drv, 'raw');
@@ -241,7 +225,7 @@ async function hyperfold(d: TestDaemon): Promise<{ r: Rounds; rss: string[] }> {
   const inflateMs = performance.now() - tIn;
   await new Promise((res2) => setTimeout(res2, 1000));
   const rssInflated = processRssBytes(pid) ?? 0;
-  const seenBack = await con.arm('true', memCond((top - 160) * 1024), 'hfdefl');
+  const seenBack = await con.arm('true', memAtLeast((top - 160) * 1024), 'hfdefl');
   const tOut = performance.now();
   await patch({ memory: `${top}M` });
   const deflateMs = performance.now() - tOut;
@@ -272,8 +256,7 @@ export async function run(): Promise<string> {
       '| measurement | baseline | Hyperfold |',
       '|---|---|---|',
       row(`+${STEP_MIB} MiB (DIMM): call → guest MemTotal shows it`, raw.memSeen, hf.r.memSeen),
-      row('+1 vCPU: call → guest cpu/online shows it', raw.cpuSeen, hf.r.cpuSeen),
-      row('−1 vCPU: call → QEMU reports the slot empty (guest ejected it)', raw.cpuUnplug, hf.r.cpuUnplug),
+      `| +1 vCPU: call → guest cpu/online shows it (one run) | raw QMP ${ms(raw.cpuSeen)} | Hyperfold API ${ms(hf.r.cpuSeen)} (${(hf.r.cpuSeen / raw.cpuSeen).toFixed(2)}×) |`,
       '',
       '| QEMU memory | value | note |',
       '|---|---|---|',

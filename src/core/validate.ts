@@ -2,6 +2,8 @@
 import type { ZodType, ZodTypeDef } from 'zod';
 import { HfError, type ErrorCode } from './errors.js';
 
+const SIZE_FIELDS = new Set(['memory', 'maxMemory', 'size']);
+
 export function parseInput<Out, In>(schema: ZodType<Out, ZodTypeDef, In>, input: unknown, what = 'request'): Out {
   const r = schema.safeParse(input);
   if (r.success) return r.data;
@@ -9,7 +11,7 @@ export function parseInput<Out, In>(schema: ZodType<Out, ZodTypeDef, In>, input:
   const first = r.error.issues[0];
   let code: ErrorCode = 'HF_ERR_VALIDATION';
   if (first?.path[0] === 'name') code = 'HF_ERR_INVALID_NAME';
-  else if (first && /size|unit|MiB/.test(first.message)) code = 'HF_ERR_INVALID_SIZE';
+  else if (first && SIZE_FIELDS.has(String(first.path.at(-1))) && /size|unit|MiB/.test(first.message)) code = 'HF_ERR_INVALID_SIZE';
   const text = issues.map((i) => (i.path ? `${i.path}: ${i.message}` : i.message)).join('; ');
   throw new HfError(code, `invalid ${what}: ${text}`, { details: { issues } });
 }

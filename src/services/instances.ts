@@ -125,7 +125,8 @@ export class InstanceService {
         }
         undo.add('remove instance directory', () => rm(paths.dir, { recursive: true, force: true }));
 
-        const config = await this.buildConfig(req, paths.dir);
+        const given = typeof body === 'object' && body !== null ? (body as Record<string, unknown>) : {};
+        const config = await this.buildConfig(req, paths.dir, { vcpus: given.vcpus !== undefined, memory: given.memory !== undefined });
         const now = new Date().toISOString();
         let inst: Instance = {
           id: randomUUID(),
@@ -157,11 +158,16 @@ export class InstanceService {
     );
   }
 
-  private async buildConfig(req: CreateInstance, dir: string): Promise<InstanceConfig> {
+  private async buildConfig(req: CreateInstance, dir: string, explicit: { vcpus: boolean; memory: boolean }): Promise<InstanceConfig> {
     let boot = req.boot;
     const disks: DiskConfig[] = [];
+    let vcpus = req.vcpus;
+    let memoryMiB = req.memory;
     if (req.image) {
       const img = await this.d.images.get(req.image);
+      // An image may carry defaults (from an OVF, or the instance it was published from).
+      if (!explicit.vcpus && img.defaults.vcpus) vcpus = img.defaults.vcpus;
+      if (!explicit.memory && img.defaults.memoryMiB) memoryMiB = img.defaults.memoryMiB;
       if (img.type !== req.type) throw new HfError('HF_ERR_VALIDATION', `image "${img.name}" is for ${img.type}s, not ${req.type}s`);
       boot ??= img.boot;
       if (img.disk) {
@@ -172,7 +178,7 @@ export class InstanceService {
     }
     for (const d of req.disks) {
       if (disks.some((x) => x.name === d.name)) throw new HfError('HF_ERR_VALIDATION', `disk name "${d.name}" is used twice`);
-      let path = d.path;
+      let path = d.path ?? '';
       if (d.size !== undefined) {
         path = join(dir, `${d.name}.${d.format ?? 'qcow2'}`);
         await this.qemuImg.createBlank(path, parseSize(d.size, `disk ${d.name} size`), d.format ?? 'qcow2');
@@ -188,10 +194,11 @@ export class InstanceService {
     if (!boot && req.type === 'vm') throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
     // Containers boot their image's init; the boot field is unused for them.
     boot ??= { kind: 'disk', firmware: 'bios' };
+    checkFitsHost({ name: req.name, vcpus, memoryMiB }, this.d.capacity());
     return {
-      vcpus: req.vcpus,
+      vcpus,
       maxVcpus: req.maxVcpus,
-      memoryMiB: req.memory,
+      memoryMiB,
       maxMemoryMiB: req.maxMemory,
       disks,
       nics: [],

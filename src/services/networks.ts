@@ -20,7 +20,7 @@ import type { Operation } from '../core/model/operation.js';
 import { parseInput } from '../core/validate.js';
 import { parseFirewallRule } from '../network/firewall.js';
 import { checkRequestedIp, nextFreeIp, normalizeMac, randomMac } from '../network/alloc.js';
-import { contains, formatCidr, formatIpv4, hostRange, overlaps, parseCidr, type Cidr } from '../network/cidr.js';
+import { formatCidr, formatIpv4, hostRange, overlaps, parseCidr, type Cidr } from '../network/cidr.js';
 import { activeLeases, buildDnsmasqArgv, buildHostsFile, dnsmasqFiles, dropLeases, readLeases, writeAtomic, type DnsmasqFiles } from '../network/dnsmasq.js';
 import type { LinkInfo, NetHost } from '../network/host.js';
 import {
@@ -971,10 +971,4 @@ export class NetworkService {
       }
     }
   }
-}
-
-/** For tests and `network info`: whether an address lies in a network's subnet. */
-export function inSubnet(net: Pick<Network, 'subnet'>, ip: string): boolean {
-  if (!net.subnet) return false;
-  return contains(parseCidr(net.subnet), parseCidr(`${ip}/32`).network);
 }

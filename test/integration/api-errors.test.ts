@@ -60,6 +60,19 @@ describe('API errors', () => {
     assert.equal((await op(t.d.http, 'DELETE', '/api/v1/instances/dup')).status, 'success');
   });
 
+  it('blank disks: `name=size` creates a file; a disk with neither size nor path is refused', async () => {
+    const r = spawnSync(process.execPath, [CLI, '--data-dir', t.dataDir, 'create', 'tiny', 'withdisk', '--disk', 'data=64M', '--format', 'json'], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    const inst = JSON.parse(r.stdout) as Instance;
+    const data = inst.config.disks.find((x) => x.name === 'data');
+    assert.ok(data && existsSync(data.path), 'the blank disk exists');
+    const info = spawnSync('qemu-img', ['info', '--output=json', data.path], { encoding: 'utf8' });
+    assert.equal((JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size'], 64 * 1024 * 1024);
+    await assert.rejects(create({ name: 'nodisk', image: 'tiny', disks: [{ name: 'x' }] }), code('HF_ERR_VALIDATION', 400));
+    assert.equal((await op(t.d.http, 'DELETE', '/api/v1/instances/withdisk')).status, 'success');
+    assert.equal(existsSync(data.path), false, 'deleted with its instance');
+  });
+
   it('unknown image → 404 HF_ERR_IMAGE_NOT_FOUND with nothing created', async () => {
     await assert.rejects(create({ name: 'noimg', image: 'nosuchimage' }), code('HF_ERR_IMAGE_NOT_FOUND', 404));
     assert.equal(existsSync(join(t.dataDir, 'instances', 'noimg')), false);

@@ -390,6 +390,23 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
     }
   });
 
+  it('hot-plugs a NIC into a running container and removes it', async () => {
+    const labNet = await net('lab');
+    const add = cli('nic', 'add', 'c1', '--network', 'lab');
+    assert.equal(add.status, 0, add.stderr);
+    const nic = (await getInstance(api(), 'c1')).config.nics.find((n) => n.name === 'eth1')!;
+    assert.match(sh('ip', ['-n', nsOf('c1'), '-4', 'addr', 'show', 'dev', 'eth1']).stdout, new RegExp(`inet ${nic.ip!.replace(/\./g, '\\.')}/24`));
+    assert.ok(ping(nsOf('c1'), labNet.gateway!), 'c1 reaches lab through the new NIC');
+    assert.ok(ping(nsOf('c1'), await ipOf('c3')), 'and c3 on lab');
+    assert.match(cli('network', 'info', 'lab').stdout, new RegExp(`c1/eth1\\s+${nic.mac}\\s+${nic.ip!.replace(/\./g, '\\.')} \\(static\\)`));
+    assert.match(cli('nic', 'list', 'c1').stdout, /eth1\s+lab\s+52:54:00/);
+    const rm1 = cli('nic', 'remove', 'c1', 'eth1');
+    assert.equal(rm1.status, 0, rm1.stderr);
+    assert.notEqual(sh('ip', ['-n', nsOf('c1'), 'link', 'show', 'dev', 'eth1']).status, 0, 'gone from the namespace');
+    assert.ok(!ownState().links.includes(names.veth((await getInstance(api(), 'c1')).id, 'eth1')), 'host side gone');
+    assert.ok(ping(nsOf('c1'), await ipOf('c2')), 'eth0 unaffected');
+  });
+
   it('leaves nothing behind once the instances and networks are deleted', async () => {
     for (const s of servers) s.kill('SIGKILL');
     for (const c of ['c1', 'c2', 'c3']) assert.equal(cli('delete', '-f', c).status, 0, c);

@@ -47,6 +47,8 @@ class FakeVm {
   kvm = false;
   actualMiB: number;
   availableMiB = 180;
+  /** Served by the next guest-stats read only (a report from before the last change). */
+  staleAvailableMiB: number | undefined;
   pollInterval = 0;
   cooperateUnplug = true;
   failDimmAdd = false;
@@ -54,6 +56,7 @@ class FakeVm {
   /** The guest needs this many queries before the balloon reaches its target (-1: never). */
   balloonLag = 0;
   private balloonTarget: number | undefined;
+  private reports = 0;
 
   private constructor(readonly server: FakeQmpServer, readonly shape: VmShape) {
     this.actualMiB = shape.memoryMiB;
@@ -99,13 +102,15 @@ class FakeVm {
       if (a?.property === 'guest-stats-polling-interval') return { return: this.pollInterval };
       if (a?.property === 'guest-stats') {
         const reporting = this.balloon === 'active' && this.pollInterval > 0;
+        const available = this.staleAvailableMiB ?? this.availableMiB;
+        this.staleAvailableMiB = undefined;
         const v = (n: number): number => (reporting ? n : NOT_REPORTED);
         return {
           return: {
             stats: {
               'stat-total-memory': v((this.actualMiB - 100) * MiB),
-              'stat-free-memory': v((this.availableMiB - 10) * MiB),
-              'stat-available-memory': v(this.availableMiB * MiB),
+              'stat-free-memory': v((available - 10) * MiB),
+              'stat-available-memory': v(available * MiB),
               'stat-disk-caches': v(8 * MiB),
               'stat-major-faults': v(3),
               'stat-minor-faults': v(4000),
@@ -113,7 +118,8 @@ class FakeVm {
               'stat-swap-out': v(0),
               'stat-htlb-pgalloc': NOT_REPORTED,
             },
-            'last-update': reporting ? Math.floor(Date.now() / 1000) : 0,
+            // a new report on every read (the real guest reports every polling interval)
+            'last-update': reporting ? Math.floor(Date.now() / 1000) + this.reports++ : 0,
           },
         };
       }
@@ -358,6 +364,16 @@ describe('live changes over QMP (fake monitor)', () => {
     v.availableMiB = 100; // uses 412 of 512: minimum 444
     await assert.rejects(applyLiveChanges(client, { memoryMiB: 300 }, { ...baseConfig, memoryMiB: 512 }), hfError('HF_ERR_VALIDATION', /below the guest's minimum of 444MiB/));
     assert.equal(v.commands('balloon').length, 0);
+  });
+
+  it('judges a shrink by a fresh guest report, not one from before a DIMM was onlined', async () => {
+    const { vm: v, client } = await vm({ ...baseConfig, memoryMiB: 512 });
+    v.pollInterval = 2;
+    v.staleAvailableMiB = 100; // as if reported before 256 MiB were onlined: minimum 444
+    v.availableMiB = 360; // what the guest reports next: minimum 184
+    const r = await applyLiveChanges(client, { memoryMiB: 320 }, { ...baseConfig, memoryMiB: 512 });
+    assert.deepEqual(r.applied, ['memoryMiB']);
+    assert.deepEqual(v.commands('balloon'), [{ value: 320 * MiB }]);
   });
 
   it('live info: statistics (unreported values left out), DIMMs and vCPUs; stats switched on when off', async () => {

@@ -91,7 +91,7 @@ export const createInstanceSchema = z
     maxVcpus: z.number().int().min(1).max(512).optional(),
     memory: memorySchema.default('256M'),
     maxMemory: memorySchema.optional(),
-    disks: z.array(diskConfigSchema.partial({ format: true, media: true, readonly: true }).extend({ size: z.string().optional() })).default([]),
+    disks: z.array(diskConfigSchema.partial({ path: true, format: true, media: true, readonly: true }).extend({ size: z.string().optional() })).default([]),
     nics: z
       .array(
         z.object({
@@ -119,6 +119,9 @@ export const createInstanceSchema = z
     if (v.memory < 16) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['memory'], message: `memory must be at least 16 MiB (got ${v.memory} MiB)` });
     if (v.maxVcpus !== undefined && v.maxVcpus < v.vcpus) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['maxVcpus'], message: 'maxVcpus must be at least vcpus' });
     if (v.maxMemory !== undefined && v.maxMemory < v.memory) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['maxMemory'], message: 'maxMemory must be at least memory' });
+    v.disks.forEach((d, i) => {
+      if (!d.path === !d.size) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['disks', i], message: `disk ${d.name}: give either a size (a new blank disk) or a path (an existing file)` });
+    });
     if (!v.image && !v.boot && v.type === 'vm') ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['image'], message: 'give an image or a boot source' });
   });
 export type CreateInstanceRequest = z.input<typeof createInstanceSchema>;

@@ -17,6 +17,7 @@ import {
   type BalloonStatus,
   type CpuSlot,
   type LiveDimm,
+  type LivePlan,
   type LiveStep,
   type LiveVmState,
   type VmLiveInfo,
@@ -37,6 +38,8 @@ export interface LiveOptions {
   cpuUnplugTimeoutMs?: number;
   /** How long to wait for the balloon to reach its target before answering. Default 10 s. */
   balloonWaitMs?: number;
+  /** How long a shrink refused on the last guest report waits for the next one. Default 2 polling intervals + 1 s. */
+  statsWaitMs?: number;
 }
 
 interface QomVirtioStatus {
@@ -211,6 +214,18 @@ async function snapshot(client: QmpClient): Promise<Snapshot> {
   return { state, ...(balloon.path ? { balloonPath: balloon.path } : {}), ...(stats ? { stats } : {}), cpusFast };
 }
 
+/** Waits for a guest statistics report newer than `since` (undefined if none comes in time). */
+async function nextGuestStats(client: QmpClient, path: string, since: string, timeoutMs: number): Promise<BalloonGuestStats | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const raw = await readGuestStats(client, path).catch(() => undefined);
+    const stats = raw ? toStats(raw) : undefined;
+    if (stats && Date.parse(stats.updatedAt) > Date.parse(since)) return stats;
+    if (Date.now() >= deadline) return undefined;
+    await sleep(200);
+  }
+}
+
 /** Reads the live state of the VM (for the planner and tests). */
 export async function readLiveVmState(client: QmpClient): Promise<LiveVmState> {
   return (await snapshot(client)).state;
@@ -309,7 +324,18 @@ async function removeCpu(qmp: Qmp, step: Extract<LiveStep, { kind: 'cpu-del' }>,
 export async function applyLiveChanges(client: QmpClient, changes: Partial<InstanceConfig>, current: InstanceConfig, opts: LiveOptions = {}): Promise<LiveChangeResult> {
   const qmp = new Qmp(client);
   const snap = await snapshot(client);
-  const plan = planLiveChange(current, changes, snap.state);
+  let plan: LivePlan;
+  try {
+    plan = planLiveChange(current, changes, snap.state);
+  } catch (e) {
+    // Refused as below the guest's minimum: the last report may predate memory the guest onlined
+    // since (it then looks fuller than it is). Judge again by the next report.
+    if (!(isHfError(e, 'HF_ERR_VALIDATION') && e.details?.minimumMiB !== undefined && snap.balloonPath && snap.stats)) throw e;
+    const fresh = await nextGuestStats(client, snap.balloonPath, snap.stats.updatedAt, opts.statsWaitMs ?? (GUEST_STATS_INTERVAL_S * 2 + 1) * 1000);
+    if (fresh?.availableMiB === undefined) throw e;
+    snap.state.balloon.guestAvailableMiB = fresh.availableMiB;
+    plan = planLiveChange(current, changes, snap.state);
+  }
   const applied = [...plan.applied];
   const pending = [...plan.pending];
   const notes = [...plan.notes];
