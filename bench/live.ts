@@ -101,18 +101,24 @@ interface Driver {
 }
 
 interface Rounds {
+  /** call → the guest sees it */
   memSeen: number[];
+  /** call → the call returns */
+  memCall: number[];
   cpuSeen: number;
+  cpuCall: number;
 }
 
 async function rounds(con: GuestConsole, drv: Driver, tag: string): Promise<Rounds> {
   const memSeen: number[] = [];
+  const memCall: number[] = [];
   let mem = 256;
   for (let i = 0; i < ROUNDS; i++) {
     mem += STEP_MIB;
     const seen = await con.arm(memTotalSetup, memGrownCond(STEP_MIB), `${tag}m${i}`);
     const t0 = performance.now();
     await drv.growMemory(mem);
+    memCall.push(performance.now() - t0);
     memSeen.push((await seen()) - t0);
   }
   // One vCPU hot-plug: under TCG a vCPU cannot be unplugged to measure again (QEMU 7.2 crashes
@@ -120,7 +126,8 @@ async function rounds(con: GuestConsole, drv: Driver, tag: string): Promise<Roun
   const cpuSeen = await con.arm('true', cpuCond('0-1'), `${tag}c`);
   const t1 = performance.now();
   await drv.setCpus(2);
-  return { memSeen, cpuSeen: (await cpuSeen()) - t1 };
+  const cpuCall = performance.now() - t1;
+  return { memSeen, memCall, cpuSeen: (await cpuSeen()) - t1, cpuCall };
 }
 
 const CONFIG = (kernel: string, initrd: string): Instance['config'] => ({
@@ -229,7 +236,7 @@ async function hyperfold(d: TestDaemon): Promise<{ r: Rounds; rss: string[] }> {
   const tOut = performance.now();
   await patch({ memory: `${top}M` });
   const deflateMs = performance.now() - tOut;
-  const deflateSeen = (await seenBack()) - tOut;
+  await seenBack();
   await new Promise((res2) => setTimeout(res2, 1000));
   const rssDeflated = processRssBytes(pid) ?? 0;
   con.close();
@@ -237,8 +244,8 @@ async function hyperfold(d: TestDaemon): Promise<{ r: Rounds; rss: string[] }> {
     r,
     rss: [
       `| QEMU RSS, ${mib(top * MiB)} guest after touching and freeing 600 MiB | ${mib(rssTouched)} | before the balloon |`,
-      `| QEMU RSS after balloon inflate to ${low} MiB (API call ${ms(inflateMs)}) | ${mib(rssInflated)} | ${mib(rssTouched - rssInflated)} returned to the host |`,
-      `| QEMU RSS after balloon deflate back to ${mib(top * MiB)} (API call ${ms(deflateMs)}, guest MemTotal back after ${ms(deflateSeen)}) | ${mib(rssDeflated)} | ${mib(rssDeflated - rssInflated)} more: deflated pages are not touched yet |`,
+      `| QEMU RSS after balloon inflate to ${low} MiB (API call ${ms(inflateMs)}, returns once QEMU reports the target reached) | ${mib(rssInflated)} | ${mib(rssTouched - rssInflated)} returned to the host |`,
+      `| QEMU RSS after balloon deflate back to ${mib(top * MiB)} (API call ${ms(deflateMs)}, returns once QEMU reports the target reached) | ${mib(rssDeflated)} | ${mib(rssDeflated - rssInflated)} more: deflated pages are not touched yet |`,
     ],
   };
 }
@@ -256,7 +263,9 @@ export async function run(): Promise<string> {
       '| measurement | baseline | Hyperfold |',
       '|---|---|---|',
       row(`+${STEP_MIB} MiB (DIMM): call → guest MemTotal shows it`, raw.memSeen, hf.r.memSeen),
+      row(`+${STEP_MIB} MiB: call → call returns (QMP object-add + device_add / PATCH)`, raw.memCall, hf.r.memCall),
       `| +1 vCPU: call → guest cpu/online shows it (one run) | raw QMP ${ms(raw.cpuSeen)} | Hyperfold API ${ms(hf.r.cpuSeen)} (${(hf.r.cpuSeen / raw.cpuSeen).toFixed(2)}×) |`,
+      `| +1 vCPU: call → call returns (QMP device_add / PATCH, one run) | raw QMP ${ms(raw.cpuCall)} | Hyperfold API ${ms(hf.r.cpuCall)} (${(hf.r.cpuCall / raw.cpuCall).toFixed(2)}×) |`,
       '',
       '| QEMU memory | value | note |',
       '|---|---|---|',

@@ -166,8 +166,11 @@ export class InstanceService {
     if (req.image) {
       const img = await this.d.images.get(req.image);
       // An image may carry defaults (from an OVF, or the instance it was published from).
-      if (!explicit.vcpus && img.defaults.vcpus) vcpus = img.defaults.vcpus;
-      if (!explicit.memory && img.defaults.memoryMiB) memoryMiB = img.defaults.memoryMiB;
+      // (only where they fit under ceilings the user gave)
+      const dv = img.defaults.vcpus;
+      const dm = img.defaults.memoryMiB;
+      if (!explicit.vcpus && dv && (req.maxVcpus === undefined || dv <= req.maxVcpus)) vcpus = dv;
+      if (!explicit.memory && dm && (req.maxMemory === undefined || dm <= req.maxMemory)) memoryMiB = dm;
       if (img.type !== req.type) throw new HfError('HF_ERR_VALIDATION', `image "${img.name}" is for ${img.type}s, not ${req.type}s`);
       boot ??= img.boot;
       if (img.disk) {

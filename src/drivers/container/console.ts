@@ -3,15 +3,15 @@
 // and its stdout/stderr append to the console log. Attaching writes to the FIFO and follows the
 // log from its current end. Nothing here needs to stay open while nobody is attached, so the
 // console survives a daemon restart untouched.
-import { constants, watch, type FSWatcher } from 'node:fs';
-import { open, stat, type FileHandle } from 'node:fs/promises';
+import { constants, statSync, watch, type FSWatcher } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 import { run } from '../../util/exec.js';
 import type { ConsoleAttachment } from '../driver.js';
 
 export async function ensureFifo(path: string): Promise<void> {
   try {
-    const st = await stat(path);
+    const st = statSync(path);
     if (st.isFIFO()) return;
     throw new HfError('HF_ERR_INTERNAL', `${path} exists and is not a FIFO`);
   } catch (e) {

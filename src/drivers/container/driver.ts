@@ -4,7 +4,7 @@
 // of ours stays between the daemon and the container, init's stdio are a FIFO and the console
 // log, and a restarted daemon re-attaches from the pid and start time in the instance record.
 import { randomUUID } from 'node:crypto';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { lchown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
@@ -32,11 +32,15 @@ import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSuppor
 import { attachFifoConsole, ensureFifo } from './console.js';
 import { copyTreeShifted, ensureTraversable, shiftTreeInPlace } from './rootfs.js';
 import { Runc } from './runc.js';
+import { DEFAULT_SPARE_IMAGES, DEFAULT_SPARES_PER_IMAGE, SparePool } from './spare-pool.js';
+import { blockOf, lowestFreeBlock } from './spares.js';
 import { CONTAINER_CAPS, DEFAULT_PATH, IDMAP_SIZE, buildOciSpec, checkContainerLimits, containerMetaSchema, containerResources, mergeEnv, type ContainerMeta } from './spec.js';
 
 export const DEFAULT_RUNC_ROOT = '/run/hyperfold/runc';
 /** First host id given to containers; each gets the next free block of 65536. */
 export const DEFAULT_IDMAP_BASE = 1_000_000;
+/** How long the driver must be without creates and starts before the spare pool refills. */
+const IDLE_SETTLE_MS = 50;
 
 export interface ContainerDriverOptions {
   runcBinary?: string;
@@ -51,6 +55,13 @@ export interface ContainerDriverOptions {
   monitorIntervalMs?: number;
   /** Overrides the detected cgroup layout (tests). */
   cgroupLayout?: CgroupLayout;
+  /**
+   * Spare root filesystems kept ready per recently used image (see spare-pool.ts); 0 turns the
+   * pool off. Default: HYPERFOLD_CONTAINER_SPARES, else 2.
+   */
+  sparesPerImage?: number;
+  /** How many recently used images keep spares (default 4). */
+  spareImages?: number;
 }
 
 /** The files of one container, all in its instance directory. */
@@ -76,8 +87,19 @@ export async function readMeta(dir: string): Promise<ContainerMeta> {
   return containerMetaSchema.parse(JSON.parse(raw));
 }
 
+/** readMeta, synchronously (the start path: one small file). */
+export function readMetaSync(dir: string): ContainerMeta {
+  let raw: string;
+  try {
+    raw = readFileSync(containerFiles(dir).meta, 'utf8');
+  } catch (e) {
+    throw new HfError('HF_ERR_INTERNAL', `container metadata ${containerFiles(dir).meta} is missing: ${(e as Error).message}`, { cause: e });
+  }
+  return containerMetaSchema.parse(JSON.parse(raw));
+}
+
 export async function writeMeta(dir: string, meta: ContainerMeta): Promise<void> {
-  await writeFile(containerFiles(dir).meta, JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
+  writeFileSync(containerFiles(dir).meta, JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
 }
 
 /** What an image says about the container's init (from its `details`). */
@@ -108,12 +130,50 @@ export class ContainerDriver implements InstanceDriver {
   private readonly idLock = new KeyedMutex();
   private readonly copySources = new Map<string, CopySource>();
   readonly monitor: Monitor;
+  readonly spares: SparePool;
+  private runcRootReady = false;
+  /** Directories already made traversable for container roots (see ensureTraversable). */
+  private readonly traversable = new Set<string>();
 
   constructor(readonly opts: ContainerDriverOptions) {
     this.runc = new Runc(opts.runcBinary ?? 'runc', opts.runcRoot ?? DEFAULT_RUNC_ROOT);
     this.layout = opts.cgroupLayout ?? hostCgroupLayout();
     this.swapLimit = swapLimitSupported(this.layout);
     this.monitor = new Monitor(opts.monitorIntervalMs ?? 500);
+    const envSpares = process.env.HYPERFOLD_CONTAINER_SPARES;
+    const perImage = opts.sparesPerImage ?? (envSpares !== undefined && envSpares !== '' ? Number(envSpares) : DEFAULT_SPARES_PER_IMAGE);
+    this.spares = new SparePool({
+      dir: join(opts.dataDir, 'containers', 'spare'),
+      perImage: Number.isInteger(perImage) && perImage >= 0 ? perImage : DEFAULT_SPARES_PER_IMAGE,
+      maxImages: opts.spareImages ?? DEFAULT_SPARE_IMAGES,
+      idmapSize: IDMAP_SIZE,
+      log: opts.log,
+      allocate: (claim) => this.allocateBlock(claim),
+      idle: () => this.idle(),
+    });
+  }
+
+  // Creates and starts in flight: the spare pool refills when there are none (and none for a moment).
+  private busy = 0;
+  private lastBusy = 0;
+
+  private async tracked<T>(fn: () => Promise<T>): Promise<T> {
+    this.busy++;
+    try {
+      return await fn();
+    } finally {
+      this.busy--;
+      this.lastBusy = Date.now();
+    }
+  }
+
+  /** Resolves once no create or start has been in flight for IDLE_SETTLE_MS (a create is followed by its start). */
+  async idle(): Promise<void> {
+    for (;;) {
+      const left = this.busy > 0 ? IDLE_SETTLE_MS : this.lastBusy + IDLE_SETTLE_MS - Date.now();
+      if (this.busy === 0 && left <= 0) return;
+      await new Promise((r) => setTimeout(r, Math.max(5, left)).unref());
+    }
   }
 
   // ---- create ----------------------------------------------------------------------------------
@@ -124,19 +184,36 @@ export class ContainerDriver implements InstanceDriver {
     return () => this.copySources.delete(name);
   }
 
-  async provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance> {
+  provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance> {
+    return this.tracked(() => this.provisionTracked(instance, image, paths, progress));
+  }
+
+  private async provisionTracked(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance> {
     await this.runc.path();
     checkContainerLimits(instance.config);
     const f = containerFiles(paths.dir);
     const copy = this.copySources.get(instance.name);
     if (!copy && !image) throw new HfError('HF_ERR_VALIDATION', 'a container needs an image (e.g. busybox; see `hyperfold image list`)');
     if (!copy && image && !image.rootfs) throw new HfError('HF_ERR_VALIDATION', `image "${image.name}" has no root filesystem`);
-    await ensureTraversable(paths.dir, this.opts.dataDir);
+    // The instance directory is new (a same-named one may have been deleted): check it again.
+    this.traversable.delete(paths.dir);
+    ensureTraversable(paths.dir, this.opts.dataDir, this.traversable);
     const privileged = instance.config.privileged === true;
+    // The fast path: a spare of the image, already shifted into its own block, moved in by rename.
+    if (!copy && image?.rootfs && !privileged) {
+      const hostId = await this.spares.take(image, { rootfs: f.rootfs, fifo: f.consoleIn });
+      if (hostId !== undefined) {
+        await writeMeta(paths.dir, { ...metaFromImage(image), idmap: { hostId, size: IDMAP_SIZE } });
+        progress?.(100, 'root filesystem ready (spare)');
+        return instance;
+      }
+    }
     // The id range is chosen and its root directory made under one lock: the next allocation sees it.
-    const idmap = privileged ? undefined : await this.allocateIdRange(f.rootfs);
+    const idmap = privileged ? undefined : { hostId: await this.allocateBlock((hostId) => claimRootfs(f.rootfs, hostId)), size: IDMAP_SIZE };
     const toBase = idmap?.hostId ?? 0;
     progress?.(5, 'copying the root filesystem');
+    // Making the console FIFO takes a process: now, beside the copy, rather than at the first start.
+    const fifo = ensureFifo(f.consoleIn).catch(() => undefined); // start makes it otherwise
     if (copy) {
       const fromBase = copy.meta.idmap?.hostId ?? 0;
       await copyTreeShifted(containerFiles(copy.dir).rootfs, f.rootfs, { fromBase, toBase, size: IDMAP_SIZE }, (s) => progress?.(50, `copied ${s.files} files`));
@@ -147,51 +224,67 @@ export class ContainerDriver implements InstanceDriver {
       if (idmap) await shiftTreeInPlace(f.rootfs, { fromBase: 0, toBase, size: IDMAP_SIZE });
       await writeMeta(paths.dir, { ...metaFromImage(image), idmap });
     } else if (image?.rootfs) {
+      // An unshifted copy (privileged) keeps the owners it gets: no chown of a root-owned tree.
       await copyTreeShifted(image.rootfs.path, f.rootfs, { fromBase: 0, toBase, size: IDMAP_SIZE }, (s) => progress?.(50, `copied ${s.files} files`));
       await writeMeta(paths.dir, { ...metaFromImage(image), idmap });
     }
+    await fifo;
     progress?.(100, 'root filesystem ready');
     return instance;
   }
 
   /**
-   * Picks the lowest free block of host ids: a block is taken when some container's
-   * container.json names it. Creates `rootfs` owned by the block's root to claim it.
+   * Picks the lowest free block of host ids and claims it (`claim`, under the id lock, so the next
+   * allocation sees it). A block is used when some container's container.json names it (or, while
+   * its create is in flight, its rootfs is owned by the block) or a spare directory is named after it.
    */
-  private async allocateIdRange(rootfs: string): Promise<{ hostId: number; size: number }> {
+  async allocateBlock(claim: (hostId: number) => Promise<void>): Promise<number> {
     return this.idLock.run('idmap', 'allocate', async () => {
-      const used = new Set<number>();
-      let names: string[] = [];
-      try {
-        names = await readdir(this.opts.instancesDir);
-      } catch {
-        // none yet
-      }
-      await Promise.all(
-        names.map(async (n) => {
-          const dir = join(this.opts.instancesDir, n);
-          try {
-            const m = containerMetaSchema.parse(JSON.parse(await readFile(join(dir, 'container.json'), 'utf8')));
-            if (m.idmap) used.add(m.idmap.hostId);
-          } catch {
-            // no metadata yet: a create in flight owns its rootfs directory
-            try {
-              const st = await stat(join(dir, 'rootfs'));
-              if (st.uid >= this.idmapBase) used.add(st.uid);
-            } catch {
-              // not a container
-            }
-          }
-        }),
-      );
-      let hostId = this.idmapBase;
-      while (used.has(hostId)) hostId += IDMAP_SIZE;
-      if (hostId + IDMAP_SIZE > 2 ** 32 - 2) throw new HfError('HF_ERR_INSUFFICIENT_RESOURCES', 'no free host id range left for another unprivileged container');
-      // Claim it: the rootfs directory owned by the range's root (the copy fills it in).
-      await mkdir(rootfs, { mode: 0o755 });
-      await lchown(rootfs, hostId, hostId);
-      return { hostId, size: IDMAP_SIZE };
+      const [fromInstances, fromSpares] = await Promise.all([this.instanceBlocks(), this.spares.claimedBlocks()]);
+      const hostId = lowestFreeBlock([...fromInstances, ...fromSpares], this.idmapBase, IDMAP_SIZE);
+      if (hostId === undefined) throw new HfError('HF_ERR_INSUFFICIENT_RESOURCES', 'no free host id range left for another unprivileged container');
+      await claim(hostId);
+      return hostId;
     });
+  }
+
+  /** The blocks the instance directories hold, from their container.json (or rootfs owner while a create is in flight). */
+  private async instanceBlocks(): Promise<number[]> {
+    let names: string[] = [];
+    try {
+      names = await readdir(this.opts.instancesDir);
+    } catch {
+      // none yet
+    }
+    const used: number[] = [];
+    await Promise.all(
+      names.map(async (n) => {
+        const dir = join(this.opts.instancesDir, n);
+        let text: string | undefined;
+        try {
+          text = await readFile(join(dir, 'container.json'), 'utf8');
+        } catch {
+          // no metadata yet: a create in flight owns its rootfs directory
+        }
+        if (text !== undefined) {
+          try {
+            const m = JSON.parse(text) as { idmap?: { hostId?: unknown } };
+            if (typeof m.idmap?.hostId === 'number') used.push(m.idmap.hostId);
+            return;
+          } catch {
+            // unreadable metadata: fall back to the owner of the tree
+          }
+        }
+        try {
+          const st = await stat(join(dir, 'rootfs'));
+          const b = blockOf(st.uid, this.idmapBase, IDMAP_SIZE);
+          if (b !== undefined) used.push(b);
+        } catch {
+          // not a container
+        }
+      }),
+    );
+    return used;
   }
 
   private get idmapBase(): number {
@@ -205,15 +298,28 @@ export class ContainerDriver implements InstanceDriver {
 
   // ---- start / attach ----------------------------------------------------------------------------
 
-  async start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
+  start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
+    return this.tracked(() => this.startTracked(instance, ctx));
+  }
+
+  private async startTracked(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
     const f = containerFiles(ctx.paths.dir);
-    const meta = await readMeta(ctx.paths.dir);
+    // The small files of the start are read and written synchronously: each round trip through the
+    // thread pool costs more than the call itself on a busy host, and this is the start's critical path.
+    const meta = readMetaSync(ctx.paths.dir);
     const id = instance.id;
     const cgroupsPath = containerCgroupPath(id);
     const spec = buildOciSpec({ hostname: instance.name, rootfs: f.rootfs, config: instance.config, meta, cgroupsPath, swapLimit: this.swapLimit });
-    await ensureTraversable(ctx.paths.dir, this.opts.dataDir);
-    await Promise.all([writeFile(f.spec, JSON.stringify(spec), { mode: 0o600 }), ensureFifo(f.consoleIn), rm(f.pidFile, { force: true }), mkdir(this.runc.root, { recursive: true, mode: 0o700 })]);
+    ensureTraversable(ctx.paths.dir, this.opts.dataDir, this.traversable);
+    writeFileSync(f.spec, JSON.stringify(spec), { mode: 0o600 });
+    rmSync(f.pidFile, { force: true });
+    if (!this.runcRootReady) {
+      mkdirSync(this.runc.root, { recursive: true, mode: 0o700 });
+      this.runcRootReady = true;
+    }
+    await ensureFifo(f.consoleIn);
     ctx.progress?.(30, 'starting the container (runc)');
+    const runcT0 = Date.now();
     const fifoFd = openSync(f.consoleIn, 'r+');
     const logFd = openSync(ctx.paths.consoleLog, 'a', 0o600);
     const nics = instance.config.nics.filter((n) => n.hostIface);
@@ -232,7 +338,8 @@ export class ContainerDriver implements InstanceDriver {
       closeSync(fifoFd);
       closeSync(logFd);
     }
-    const pid = Number((await readFile(f.pidFile, 'utf8')).trim());
+    const runcMs = Date.now() - runcT0;
+    const pid = Number(readFileSync(f.pidFile, 'utf8').trim());
     const st = readProcStat(pid);
     if (!st) {
       await this.runc.delete(id, true);
@@ -266,7 +373,7 @@ export class ContainerDriver implements InstanceDriver {
     const handle = new ContainerHandle(this, runtime, ctx.paths, meta, ctx);
     await handle.init();
     ctx.progress?.(100, 'running');
-    this.opts.log.debug('container started', { name: instance.name, pid, id });
+    this.opts.log.debug('container started', { name: instance.name, pid, id, runcMs: runcMs });
     return handle;
   }
 
@@ -364,8 +471,14 @@ class ContainerHandle implements InstanceHandle {
     this.cgroup = driver.cgroupOf(this.id);
   }
 
+  /** The OOM counter's starting point is read in the background: the first poll waits for it. */
+  private baseline: Promise<void> | undefined;
+
   async init(): Promise<void> {
-    this.oomKills = (await this.cgroup.oomKills()) ?? 0;
+    this.baseline = this.cgroup.oomKills().then(
+      (n) => void (this.oomKills = n ?? 0),
+      () => undefined,
+    );
     this.driver.monitor.add(this);
   }
 
@@ -381,6 +494,7 @@ class ContainerHandle implements InstanceHandle {
   }
 
   private async checkOom(): Promise<number> {
+    await this.baseline;
     const n = await this.cgroup.oomKills();
     if (n === undefined || n <= this.oomKills) return 0;
     const delta = n - this.oomKills;
@@ -526,6 +640,12 @@ class ContainerHandle implements InstanceHandle {
       kill: (sig = 'SIGKILL') => child.kill(sig),
     };
   }
+}
+
+/** Claims a block for a create that copies: its rootfs directory, owned by the block's root. */
+async function claimRootfs(rootfs: string, hostId: number): Promise<void> {
+  await mkdir(rootfs, { mode: 0o755 });
+  await lchown(rootfs, hostId, hostId);
 }
 
 function signalNumber(sig: NodeJS.Signals): number | undefined {

@@ -1,7 +1,8 @@
 // runc, the OCI runtime, as a typed command wrapper. Every container's state lives under one
 // runc root (a tmpfs directory, like runc's own default) so `runc list` there shows only ours.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { writeFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 import { run, which } from '../../util/exec.js';
 import type { OciResources } from './spec.js';
@@ -140,5 +141,5 @@ export function cleanRuncError(out: string): string {
 }
 
 async function truncateFile(file: string): Promise<void> {
-  await writeFile(file, '', { mode: 0o600 });
+  writeFileSync(file, '', { mode: 0o600 });
 }

@@ -68,7 +68,7 @@ export interface OciSpec {
   linux: {
     uidMappings?: Array<{ containerID: number; hostID: number; size: number }>;
     gidMappings?: Array<{ containerID: number; hostID: number; size: number }>;
-    namespaces: Array<{ type: string }>;
+    namespaces: Array<{ type: string; path?: string }>;
     resources: OciResources;
     cgroupsPath: string;
     seccomp?: OciSeccomp;
@@ -126,7 +126,10 @@ export function buildOciSpec(input: SpecInput): OciSpec {
   if (!privileged && !meta.idmap) throw new HfError('HF_ERR_INTERNAL', 'an unprivileged container needs an id map');
   const caps = [...CONTAINER_CAPS];
   const env = mergeEnv([DEFAULT_PATH, 'TERM=xterm', 'container=hyperfold', `HOSTNAME=${input.hostname}`], meta.env);
-  const namespaces = [{ type: 'pid' }, { type: 'network' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }];
+  // Always a fresh network namespace, owned by the container's user namespace (joining one owned
+  // by the host's would forbid mounting /sys). The driver moves the interfaces the network layer
+  // prepared (config.netns) into it between `runc create` and `runc start`.
+  const namespaces: Array<{ type: string; path?: string }> = [{ type: 'pid' }, { type: 'network' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }];
   if (input.cgroupNamespace !== false) namespaces.push({ type: 'cgroup' });
   if (!privileged) namespaces.push({ type: 'user' });
   const resources: OciResources = {

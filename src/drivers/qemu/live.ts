@@ -25,7 +25,7 @@ import {
 import type { InstanceConfig } from '../../core/model/instance.js';
 import { formatMiB } from '../../core/units.js';
 import type { LiveChangeResult } from '../driver.js';
-import { Qmp, type QmpClient } from './qmp/index.js';
+import { Qmp, type QmpClient, type QmpMemorySizeSummary } from './qmp/index.js';
 
 const MiB = 1024 * 1024;
 /** How often the guest reports balloon statistics (seconds). */
@@ -113,22 +113,26 @@ function readGuestStats(client: QmpClient, path: string): Promise<QomGuestStats>
   return client.run<QomGuestStats>('qom-get', { path, property: 'guest-stats' });
 }
 
-/**
- * Turns on balloon statistics (the guest driver then reports every GUEST_STATS_INTERVAL_S).
- * Harmless before the guest driver loads; does nothing on a VM without a balloon.
- */
-export async function enableGuestStats(client: QmpClient): Promise<boolean> {
-  const qmp = new Qmp(client);
-  const b = await probeBalloon(qmp).catch(() => undefined);
-  if (!b?.path || b.status === 'absent') return false;
+/** Sets the statistics polling interval on the balloon at `path` unless it is set already. */
+async function ensurePolling(client: QmpClient, path: string): Promise<boolean> {
   try {
-    if ((await pollingInterval(client, b.path)) !== GUEST_STATS_INTERVAL_S) {
-      await client.run('qom-set', { path: b.path, property: 'guest-stats-polling-interval', value: GUEST_STATS_INTERVAL_S });
+    if ((await pollingInterval(client, path)) !== GUEST_STATS_INTERVAL_S) {
+      await client.run('qom-set', { path, property: 'guest-stats-polling-interval', value: GUEST_STATS_INTERVAL_S });
     }
     return true;
   } catch {
     return false;
   }
+}
+
+/**
+ * Turns on balloon statistics (the guest driver then reports every GUEST_STATS_INTERVAL_S).
+ * Harmless before the guest driver loads; does nothing on a VM without a balloon.
+ */
+export async function enableGuestStats(client: QmpClient): Promise<boolean> {
+  const b = await probeBalloon(new Qmp(client)).catch(() => undefined);
+  if (!b?.path || b.status === 'absent') return false;
+  return ensurePolling(client, b.path);
 }
 
 function toStats(raw: QomGuestStats): BalloonGuestStats | undefined {
@@ -158,18 +162,31 @@ interface Snapshot {
   cpusFast: Array<{ 'cpu-index': number; 'thread-id': number; 'qom-path': string }>;
 }
 
-/** Everything the planner and `info` need, read from QEMU now. */
-async function snapshot(client: QmpClient): Promise<Snapshot> {
+/** Which parts of the VM to read (each costs QMP round trips, slow under TCG). */
+interface Want {
+  memory: boolean;
+  cpus: boolean;
+  /** query-cpus-fast (host thread ids, for `info`). */
+  threads: boolean;
+}
+const ALL: Want = { memory: true, cpus: true, threads: true };
+
+/**
+ * What the planner and `info` need, read from QEMU now. Parts not wanted are left empty (the
+ * planner only looks at the memory part for a memory change, at the CPU part for a vCPU change).
+ */
+async function snapshot(client: QmpClient, want: Want = ALL): Promise<Snapshot> {
   const qmp = new Qmp(client);
+  const none = <T>(v: T): Promise<T> => Promise.resolve(v);
   const [summary, machineMem, devices, hotCpus, cpusFast, balloon, objects, kvm] = await Promise.all([
-    qmp.queryMemorySizeSummary(),
-    client.run<QomMachineMemory>('qom-get', { path: '/machine', property: 'memory' }).catch(() => undefined),
-    qmp.queryMemoryDevices(),
-    qmp.queryHotpluggableCpus(),
-    qmp.queryCpusFast(),
-    probeBalloon(qmp),
-    client.run<Array<{ name: string; type: string }>>('qom-list', { path: '/objects' }).catch(() => [] as Array<{ name: string; type: string }>),
-    qmp.queryKvm(),
+    want.memory ? qmp.queryMemorySizeSummary() : none<QmpMemorySizeSummary>({ 'base-memory': 0 }),
+    want.memory ? client.run<QomMachineMemory>('qom-get', { path: '/machine', property: 'memory' }).catch(() => undefined) : none(undefined),
+    want.memory ? qmp.queryMemoryDevices() : none([]),
+    want.cpus ? qmp.queryHotpluggableCpus() : none([]),
+    want.threads ? qmp.queryCpusFast() : none([]),
+    want.memory ? probeBalloon(qmp) : none<BalloonProbe>({ status: 'absent' }),
+    want.memory ? client.run<Array<{ name: string; type: string }>>('qom-list', { path: '/objects' }).catch(() => [] as Array<{ name: string; type: string }>) : none([]),
+    want.cpus ? qmp.queryKvm() : none({ enabled: false, present: false }),
   ]);
   const bootMiB = Math.round(summary['base-memory'] / MiB);
   const dimms: LiveDimm[] = [];
@@ -237,7 +254,7 @@ export async function readLiveInfo(client: QmpClient): Promise<VmLiveInfo> {
   const s = snap.state;
   const pluggedMiB = s.dimms.reduce((a, d) => a + d.sizeMiB, 0);
   // Statistics may have been switched off (a VM started by an older daemon): switch them on.
-  if (snap.balloonPath && s.balloon.status !== 'absent' && !snap.stats) await enableGuestStats(client);
+  if (snap.balloonPath && s.balloon.status !== 'absent' && !snap.stats) await ensurePolling(client, snap.balloonPath);
   return {
     kind: 'qemu',
     memory: { bootMiB: s.bootMemoryMiB, pluggedMiB, totalMiB: s.bootMemoryMiB + pluggedMiB, maxMiB: s.maxMemoryMiB, slots: s.memorySlots, dimms: s.dimms },
@@ -323,7 +340,7 @@ async function removeCpu(qmp: Qmp, step: Extract<LiveStep, { kind: 'cpu-del' }>,
  */
 export async function applyLiveChanges(client: QmpClient, changes: Partial<InstanceConfig>, current: InstanceConfig, opts: LiveOptions = {}): Promise<LiveChangeResult> {
   const qmp = new Qmp(client);
-  const snap = await snapshot(client);
+  const snap = await snapshot(client, { memory: changes.memoryMiB !== undefined, cpus: changes.vcpus !== undefined, threads: false });
   let plan: LivePlan;
   try {
     plan = planLiveChange(current, changes, snap.state);
