@@ -24,6 +24,7 @@ import type { Instance } from '../src/core/model/instance.js';
 import type { Operation } from '../src/core/model/operation.js';
 import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSupported } from '../src/drivers/container/cgroups.js';
 import { DEFAULT_RUNC_ROOT } from '../src/drivers/container/driver.js';
+import { Runc } from '../src/drivers/container/runc.js';
 import { buildOciSpec } from '../src/drivers/container/spec.js';
 import { processRssBytes } from '../src/util/proc.js';
 import { startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
@@ -117,33 +118,43 @@ export async function run(): Promise<string> {
     const ours: number[] = [];
     const noSpares: number[] = [];
     const direct: number[] = [];
+    const directSpawnSync: number[] = [];
     const directWithCopy: number[] = [];
+    const runc = new Runc('runc', DEFAULT_RUNC_ROOT);
     for (let i = 0; i < N_START; i++) {
       await poolSettled(dataDir, 'busybox', SPARES);
       ours.push(await launch(d, `s${i}`));
       // The pool refills after that create: let it finish before the next measures.
       await poolSettled(dataDir, 'busybox', SPARES);
       noSpares.push(await launch(d0, `s${i}`));
-      for (const withCopy of [false, true]) {
-        const bundle = join(raw, `b${i}${withCopy ? 'c' : ''}`);
-        const id = `hf-bench-${process.pid}-${i}${withCopy ? 'c' : ''}`;
+      for (const kind of ['prepared', 'spawnSync', 'copy'] as const) {
+        const bundle = join(raw, `b${i}-${kind}`);
+        const id = `hf-bench-${process.pid}-${i}-${kind}`;
         sh('mkdir', ['-p', bundle]);
         const spec = buildOciSpec({ hostname: 'raw', rootfs: join(bundle, 'rootfs'), config: warm.config, meta, cgroupsPath: `/hyperfold-bench/${id}`, swapLimit: swapLimitSupported(hostCgroupLayout()) });
         await writeFile(join(bundle, 'config.json'), JSON.stringify(spec));
+        sh('mkfifo', ['-m', '600', join(bundle, 'console.in')]);
         let t = 0;
-        if (withCopy) {
+        const copy = () => {
           const c1 = sh('cp', ['-a', imageRootfs, join(bundle, 'rootfs')]);
           const c2 = sh('chown', ['-R', '-h', `${meta.idmap.hostId}:${meta.idmap.hostId}`, join(bundle, 'rootfs')]);
-          t += c1.ms + c2.ms;
+          return c1.ms + c2.ms;
+        };
+        // Prepared ahead, outside the clock (as a spare is), except for the `copy` variant.
+        if (kind === 'copy') t += copy();
+        else copy();
+        if (kind === 'spawnSync') {
+          // The earlier baseline: forked from this Node process, stdio /dev/null, no pid file.
+          const r = sh('runc', ['--root', DEFAULT_RUNC_ROOT, '--log', join(bundle, 'runc.log'), 'run', '--detach', '--bundle', bundle, id], true);
+          if (r.status !== 0) throw new Error(`runc run: ${await readFile(join(bundle, 'runc.log'), 'utf8').catch(() => '')}`);
+          t += r.ms;
         } else {
-          // Prepared ahead, outside the clock (as a spare is).
-          sh('cp', ['-a', imageRootfs, join(bundle, 'rootfs')]);
-          sh('chown', ['-R', '-h', `${meta.idmap.hostId}:${meta.idmap.hostId}`, join(bundle, 'rootfs')]);
+          // As the daemon runs it: same arguments, console FIFO and log, started from a small shell.
+          const t0 = performance.now();
+          await runc.runDetached(id, bundle, join(bundle, 'init.pid'), { stdin: join(bundle, 'console.in'), out: join(bundle, 'console.log') }, join(bundle, 'runc.log'));
+          t += performance.now() - t0;
         }
-        const r = sh('runc', ['--root', DEFAULT_RUNC_ROOT, '--log', join(bundle, 'runc.log'), 'run', '--detach', '--bundle', bundle, id], true);
-        if (r.status !== 0) throw new Error(`runc run: ${await readFile(join(bundle, 'runc.log'), 'utf8').catch(() => '')}`);
-        t += r.ms;
-        (withCopy ? directWithCopy : direct).push(t);
+        ({ prepared: direct, spawnSync: directSpawnSync, copy: directWithCopy })[kind].push(t);
         sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', id]);
       }
     }
@@ -154,14 +165,15 @@ export async function run(): Promise<string> {
     const base = median(direct);
     const ratio = (x: number) => `${(x / base).toFixed(2)}×`;
     rows.push(['create+start busybox until init runs: hyperfold (API, median)', ms(median(ours)), `${ratio(median(ours))} (target ≤ 1.2×)`]);
-    rows.push(['baseline: `runc run --detach` of a prepared bundle', ms(base), '1.00×']);
+    rows.push(['baseline: `runc run --detach` of a prepared bundle (as the daemon runs it: same arguments and stdio, from a small shell)', ms(base), '1.00×']);
+    rows.push(['the same, spawned with spawnSync from the benchmark (forks this Node process; stdio /dev/null, no pid file)', ms(median(directSpawnSync)), ratio(median(directSpawnSync))]);
     rows.push(['baseline: cp -a + chown -R of the rootfs, then `runc run --detach`', ms(median(directWithCopy)), ratio(median(directWithCopy))]);
     rows.push(['hyperfold without spares (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create)', ms(median(noSpares)), ratio(median(noSpares))]);
     rows.push([`hyperfold back-to-back, ${N_START} creates in a row (${SPARES} spares, then waits for the refill)`, ms(median(burst)), ratio(median(burst))]);
     for (const tool of ['podman', 'lxc-create']) {
       if (sh('sh', ['-c', `command -v ${tool}`]).status !== 0) rows.push([`${tool.replace('-create', '')}`, 'not installed', 'skipped: not measured in this run']);
     }
-    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directWithCopy, burst });
+    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directSpawnSync, directWithCopy, burst });
 
     // The daemon without spares has done its part.
     for (const n of ['warm', ...Array.from({ length: N_START }, (_, i) => `s${i}`)]) {

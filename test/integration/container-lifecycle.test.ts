@@ -5,7 +5,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
@@ -20,6 +20,31 @@ function removeContainersOf(dataDir: string): void {
   const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
   const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
   for (const c of list) if (c.bundle.startsWith(dataDir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
+}
+
+/** Ready spares of an image on disk (`<data>/containers/spare/<image>/<block>` with a rootfs). */
+function readySpares(dataDir: string, image: string): number[] {
+  const dir = join(dataDir, 'containers', 'spare', image);
+  const names = existsSync(dir) ? readdirSync(dir) : [];
+  return names.filter((n) => /^[0-9]+$/.test(n) && existsSync(join(dir, n, 'rootfs'))).map(Number).sort((a, b) => a - b);
+}
+
+/** Waits until the image has `want` ready spares and none is being prepared. */
+async function sparesSettled(dataDir: string, image: string, want: number, timeoutMs = 60_000): Promise<number[]> {
+  const dir = join(dataDir, 'containers', 'spare', image);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const ready = readySpares(dataDir, image);
+    const busy = existsSync(dir) && readdirSync(dir).some((n) => n.endsWith('.tmp'));
+    if (ready.length >= want && !busy) return ready;
+    if (Date.now() > deadline) throw new Error(`spares of ${image}: ${ready.join(', ') || 'none'} ready after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** The id block a container's container.json names. */
+function blockOf(dataDir: string, name: string): number {
+  return (JSON.parse(readFileSync(join(dataDir, 'instances', name, 'container.json'), 'utf8')) as { idmap: { hostId: number } }).idmap.hostId;
 }
 
 /** The first event of `type` for `name` on the SSE stream (from the start of the daemon's buffer). */
@@ -91,6 +116,35 @@ describe('system containers on runc', () => {
     assert.notEqual(touch.status, 0);
     assert.match(touch.stderr, /Read-only file system/);
     assert.match(cli('info', 'c1').stdout, /Privileged:\s+no/);
+  });
+
+  it('creates from a spare: moved in whole, owned by its own id block; no two containers (or spares) share a block', async () => {
+    // The pool refills (2 spares of busybox) after c1's create.
+    const before = await sparesSettled(dataDir, 'busybox', 2);
+    const c1 = blockOf(dataDir, 'c1');
+    assert.ok(!before.includes(c1), 'a spare never holds a running container\'s block');
+    assert.equal((await op(d.api, 'POST', '/api/v1/instances', { name: 'sp1', type: 'container', image: 'busybox', memory: '32M', start: true })).status, 'success');
+    const sp1 = blockOf(dataDir, 'sp1');
+    assert.equal(sp1, before[0], 'the lowest ready spare was taken');
+    assert.ok(!existsSync(join(dataDir, 'containers', 'spare', 'busybox', String(sp1))), 'the spare is gone from the pool');
+    const root = join(dataDir, 'instances', 'sp1', 'rootfs');
+    for (const p of ['', 'bin/busybox', 'etc/inittab', 'sbin/init']) {
+      const st = lstatSync(join(root, p));
+      assert.equal(st.uid, sp1, `${p || '/'} is owned by the block's root`);
+      assert.equal(st.gid, sp1);
+    }
+    assert.equal(statSync(join(root, 'root')).mode & 0o7777, 0o700, 'modes kept');
+    assert.ok(lstatSync(join(dataDir, 'instances', 'sp1', 'console.in')).isFIFO(), 'its console FIFO came with it');
+    const map = cli('exec', 'sp1', '--', 'cat', '/proc/self/uid_map').stdout.trim().split(/\s+/).map(Number);
+    assert.deepEqual(map, [0, sp1, 65_536]);
+    // A second one right away (the pool may be refilling): another block again.
+    assert.equal((await op(d.api, 'POST', '/api/v1/instances', { name: 'sp2', type: 'container', image: 'busybox', memory: '32M' })).status, 'success');
+    const sp2 = blockOf(dataDir, 'sp2');
+    const after = await sparesSettled(dataDir, 'busybox', 2);
+    const all = [c1, sp1, sp2, ...after];
+    assert.equal(new Set(all).size, all.length, `blocks are unique: ${all.join(' ')}`);
+    for (const b of all) assert.equal((b - all[0]!) % 65_536, 0);
+    for (const n of ['sp1', 'sp2']) assert.equal((await op(d.api, 'DELETE', `/api/v1/instances/${n}?force=true`)).status, 'success');
   });
 
   it('exec returns the output, exit status and stdin of the command; exec into a stopped container is refused', async () => {
@@ -167,9 +221,19 @@ describe('system containers on runc', () => {
 
   it('keeps running when the daemon is SIGKILLed; a new daemon re-attaches', async () => {
     const before = await getInstance(d.api, 'c1');
+    const spares = await sparesSettled(dataDir, 'busybox', 2);
     await stopTestDaemon(d, 'SIGKILL');
     assert.ok(isProcessAlive(before.runtime!.pid, before.runtime!.pidStartTime), 'the container outlived the daemon');
+    // What a crash can leave in the pool: a spare half prepared, and one half taken (no rootfs).
+    const pool = join(dataDir, 'containers', 'spare', 'busybox');
+    mkdirSync(join(pool, '4000000000.tmp', 'rootfs', 'bin'), { recursive: true });
+    mkdirSync(join(pool, '3999934464'));
+    writeFileSync(join(pool, '3999934464', 'spare.json'), '{}');
     d = await startTestDaemon(dataDir, { HYPERFOLD_STOP_TIMEOUT_MS: '10000' });
+    const deadline = Date.now() + 20_000;
+    while ((existsSync(join(pool, '4000000000.tmp')) || existsSync(join(pool, '3999934464'))) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    assert.ok(!existsSync(join(pool, '4000000000.tmp')) && !existsSync(join(pool, '3999934464')), 'leftovers removed');
+    assert.deepEqual(readySpares(dataDir, 'busybox'), spares, 'ready spares kept for reuse');
     const afterRestart = await getInstance(d.api, 'c1');
     assert.equal(afterRestart.state, 'running');
     assert.equal(afterRestart.runtime?.pid, before.runtime?.pid);

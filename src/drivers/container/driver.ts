@@ -4,7 +4,7 @@
 // of ours stays between the daemon and the container, init's stdio are a FIFO and the console
 // log, and a restarted daemon re-attaches from the pid and start time in the instance record.
 import { randomUUID } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { lchown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
@@ -151,6 +151,8 @@ export class ContainerDriver implements InstanceDriver {
       allocate: (claim) => this.allocateBlock(claim),
       idle: () => this.idle(),
     });
+    // Adopt the spares an earlier daemon left and remove what a crash left, off the first create's path.
+    setImmediate(() => void this.spares.load().catch((e: Error) => opts.log.warn('cannot load the spare root filesystems', { error: e.message })));
   }
 
   // Creates and starts in flight: the spare pool refills when there are none (and none for a moment).
@@ -319,24 +321,18 @@ export class ContainerDriver implements InstanceDriver {
     }
     await ensureFifo(f.consoleIn);
     ctx.progress?.(30, 'starting the container (runc)');
-    const runcT0 = Date.now();
-    const fifoFd = openSync(f.consoleIn, 'r+');
-    const logFd = openSync(ctx.paths.consoleLog, 'a', 0o600);
     const nics = instance.config.nics.filter((n) => n.hostIface);
+    const runcT0 = Date.now();
+    const stdio = { stdin: f.consoleIn, out: ctx.paths.consoleLog };
     try {
-      try {
-        if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
-        else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
-      } catch (e) {
-        // A leftover of an earlier run under the same id (the daemon died mid-cleanup): remove and retry once.
-        if (!/already exists/.test((e as Error).message)) throw e;
-        await this.runc.delete(id, true);
-        if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
-        else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, [fifoFd, logFd, logFd], f.runcLog);
-      }
-    } finally {
-      closeSync(fifoFd);
-      closeSync(logFd);
+      if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
+      else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
+    } catch (e) {
+      // A leftover of an earlier run under the same id (the daemon died mid-cleanup): remove and retry once.
+      if (!/already exists/.test((e as Error).message)) throw e;
+      await this.runc.delete(id, true);
+      if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
+      else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
     }
     const runcMs = Date.now() - runcT0;
     const pid = Number(readFileSync(f.pidFile, 'utf8').trim());

@@ -1,11 +1,18 @@
 // runc, the OCI runtime, as a typed command wrapper. Every container's state lives under one
 // runc root (a tmpfs directory, like runc's own default) so `runc list` there shows only ours.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 import { run, which } from '../../util/exec.js';
+import { Spawner } from './spawner.js';
 import type { OciResources } from './spec.js';
+
+/** A container's stdio: stdin is `stdin` opened read-write (the console FIFO), stdout and stderr append to `out`. */
+export interface ContainerStdio {
+  stdin: string;
+  out: string;
+}
 
 export interface RuncState {
   id: string;
@@ -17,6 +24,8 @@ export interface RuncState {
 
 export class Runc {
   private resolved: string | undefined;
+  /** Starts runc from a small process rather than by forking the daemon (see spawner.ts). */
+  readonly spawner = new Spawner();
 
   constructor(readonly binary: string, readonly root: string) {}
 
@@ -36,14 +45,14 @@ export class Runc {
 
   /**
    * `runc run --detach`: creates and starts the container; resolves once its init has been
-   * exec'd. The container's stdio are the given fds (passed through, not held by runc).
+   * exec'd. The container's stdio are passed through (not held by runc).
    */
-  async runDetached(id: string, bundle: string, pidFile: string, stdio: [number, number, number], logFile: string, timeoutMs = 30_000): Promise<void> {
+  async runDetached(id: string, bundle: string, pidFile: string, stdio: ContainerStdio, logFile: string, timeoutMs = 30_000): Promise<void> {
     await this.spawnWait(['run', '--detach', '--bundle', bundle, '--pid-file', pidFile, id], stdio, logFile, timeoutMs);
   }
 
   /** `runc create`: namespaces and cgroups exist, init waits; `start` lets it run. */
-  async create(id: string, bundle: string, pidFile: string, stdio: [number, number, number], logFile: string, timeoutMs = 30_000): Promise<void> {
+  async create(id: string, bundle: string, pidFile: string, stdio: ContainerStdio, logFile: string, timeoutMs = 30_000): Promise<void> {
     await this.spawnWait(['create', '--bundle', bundle, '--pid-file', pidFile, id], stdio, logFile, timeoutMs);
   }
 
@@ -53,28 +62,22 @@ export class Runc {
 
   /**
    * Runs runc with the container's stdio (runc passes them through to init and exits) and its
-   * own messages in `logFile` (they must not mix with the console).
+   * own messages in `logFile` (they must not mix with the console). Through the spawner when it
+   * can, else spawned by the daemon itself.
    */
-  private async spawnWait(args: string[], stdio: [number, number, number], logFile: string, timeoutMs: number): Promise<void> {
+  private async spawnWait(args: string[], stdio: ContainerStdio, logFile: string, timeoutMs: number): Promise<void> {
     const bin = await this.path();
-    await truncateFile(logFile);
-    const child = spawn(bin, ['--root', this.root, '--log', logFile, '--log-format', 'json', ...args], { stdio });
+    truncateFile(logFile);
+    const argv = [bin, '--root', this.root, '--log', logFile, '--log-format', 'json', ...args];
     const readErr = async () => cleanRuncError(await readFile(logFile, 'utf8').catch(() => ''));
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        child.kill('SIGKILL');
-        reject(new HfError('HF_ERR_TIMEOUT', `runc ${args[0]} did not finish within ${timeoutMs} ms`));
-      }, timeoutMs);
-      child.once('error', (e: NodeJS.ErrnoException) => {
-        clearTimeout(timer);
-        reject(e.code === 'ENOENT' ? new HfError('HF_ERR_MISSING_DEPENDENCY', 'runc is not installed: apt-get install -y runc') : new HfError('HF_ERR_HYPERVISOR', `runc: ${e.message}`));
-      });
-      child.once('close', (code, signal) => {
-        clearTimeout(timer);
-        if (code === 0) resolve();
-        else void readErr().then((m) => reject(new HfError('HF_ERR_HYPERVISOR', `runc ${args[0]} failed (${signal ?? `exit ${code}`}): ${m}`)));
-      });
-    });
+    let result: { code: number | null; signal: NodeJS.Signals | null };
+    if (this.spawner.usable(argv, stdio.stdin, stdio.out)) {
+      const status = await this.spawner.run(argv, stdio.stdin, stdio.out, timeoutMs);
+      result = { code: status, signal: null };
+    } else {
+      result = await spawnDirect(argv, stdio, timeoutMs);
+    }
+    if (result.code !== 0) throw new HfError('HF_ERR_HYPERVISOR', `runc ${args[0]} failed (${result.signal ?? `exit ${result.code}`}): ${await readErr()}`);
   }
 
   async state(id: string): Promise<RuncState | undefined> {
@@ -140,6 +143,38 @@ export function cleanRuncError(out: string): string {
   return text.slice(-1500) || '(no output)';
 }
 
-async function truncateFile(file: string): Promise<void> {
+function truncateFile(file: string): void {
   writeFileSync(file, '', { mode: 0o600 });
+}
+
+/** Spawns `argv` from the daemon, with the container's stdio as file descriptors. */
+async function spawnDirect(argv: string[], stdio: ContainerStdio, timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  const inFd = openSync(stdio.stdin, 'r+');
+  let outFd: number;
+  try {
+    outFd = openSync(stdio.out, 'a', 0o600);
+  } catch (e) {
+    closeSync(inFd);
+    throw e;
+  }
+  try {
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: [inFd, outFd, outFd] });
+    return await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        child.kill('SIGKILL');
+        reject(new HfError('HF_ERR_TIMEOUT', `runc ${argv.find((a) => !a.startsWith('-') && a !== argv[0])} did not finish within ${timeoutMs} ms`));
+      }, timeoutMs);
+      child.once('error', (e: NodeJS.ErrnoException) => {
+        clearTimeout(timer);
+        reject(e.code === 'ENOENT' ? new HfError('HF_ERR_MISSING_DEPENDENCY', 'runc is not installed: apt-get install -y runc') : new HfError('HF_ERR_HYPERVISOR', `runc: ${e.message}`));
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        resolve({ code, signal });
+      });
+    });
+  } finally {
+    closeSync(inFd);
+    closeSync(outFd);
+  }
 }

@@ -122,14 +122,17 @@ export class SparePool {
       for (const n of await readdir(idir).catch(() => [] as string[])) {
         const p = parseSpareName(n);
         const dir = join(idir, n);
-        const meta = p?.ready ? await this.validate(image, p.hostId, dir) : undefined;
+        // With the pool off (perImage 0), spares of an earlier configuration go: they hold id blocks.
+        const meta = p?.ready && this.enabled ? await this.validate(image, p.hostId, dir) : undefined;
         if (p && meta) {
           this.planner.adopt(image, p.hostId, meta.stamp, Date.parse(meta.preparedAt) || 0);
           this.origins.set(image, { path: meta.source, ino: meta.sourceIno });
           continue;
         }
+        // A `.tmp` is being prepared by nobody now: this runs before this daemon prepares any. Its
+        // block stays reserved until the directory is gone, so the removal need not be awaited.
         this.opts.log.debug('removing a leftover spare', { dir });
-        await rm(dir, { recursive: true, force: true }).catch((e: Error) => this.opts.log.warn('cannot remove a leftover spare', { dir, error: e.message }));
+        void rm(dir, { recursive: true, force: true }).catch((e: Error) => this.opts.log.warn('cannot remove a leftover spare', { dir, error: e.message }));
       }
     }
     const n = this.status().reduce((s, x) => s + x.ready.length, 0);
@@ -261,8 +264,9 @@ export class SparePool {
 
   private async pump(): Promise<void> {
     for (;;) {
-      // Refills wait for a quiet moment (no create or start in flight); a waiting create does not.
-      if (!this.planner.urgent() && this.opts.idle && this.planner.next(Date.now(), true)) {
+      // Refills wait for a quiet moment (no create or start in flight), unless a create waits or
+      // an image has no spare left: then they run beside the requests (at a low priority).
+      if (!this.planner.urgent() && !this.planner.starved() && this.opts.idle && this.planner.next(Date.now(), true)) {
         await new Promise<void>((resolve) => {
           this.nudge = resolve;
           void this.opts.idle!().then(resolve);

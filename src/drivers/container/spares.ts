@@ -151,6 +151,12 @@ export class SparePlanner {
     return false;
   }
 
+  /** Some image in use has no ready spare left (creates come faster than quiet moments): refill now. */
+  starved(): boolean {
+    for (const p of this.pools.values()) if (p.source && p.ready.length === 0 && this.opts.perImage > 0) return true;
+    return false;
+  }
+
   ready(image: string): number[] {
     return this.pools.get(image)?.ready.map((s) => s.hostId) ?? [];
   }
