@@ -4,13 +4,17 @@
 //     prepared bundle with the same config.json (and versus the same plus preparing the rootfs
 //     with cp -a + chown -R); podman and lxc are measured the same way when installed.
 //     Fairness: the baseline's bundle (rootfs copied and chowned to the container's id block,
-//     config.json written) is prepared before its clock starts, as the daemon prepares its spare
-//     root filesystems before a create asks for one. The measures are interleaved (ours, then the
-//     baselines, N times) so that both see the same host load, and each one starts with the daemon
-//     idle: the refill of the spare pool after a create (a background copy) is awaited before the
-//     next measure, so it neither slows the baselines nor hides in them. What the pool does not
-//     cover is reported too: a daemon without spares (HYPERFOLD_CONTAINER_SPARES=0: copy + chown
-//     at create, measured the same way) and back-to-back creates that outrun the refill.
+//     config.json written, console FIFO made) is prepared before its clock starts, as the daemon
+//     prepares its spare root filesystems before a create asks for one, and runc is run exactly as
+//     the daemon runs it (same config.json and arguments, stdin the FIFO, output to a log file,
+//     started from a small shell: `Runc.runDetached`). The earlier baseline (spawnSync of runc
+//     from this Node process, stdio /dev/null) is kept as a row for comparison. The measures are
+//     interleaved (ours, then the baselines, N times) so that all see the same host load, and
+//     each starts with the daemon idle: the refill of the spare pool after a create (a background
+//     copy) is awaited before the next measure, so it neither slows the baselines nor hides in
+//     them. What the pool does not cover is reported too: a daemon without spares
+//     (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create, measured the same way) and
+//     back-to-back creates that outrun the refill.
 //  2. N idle busybox containers (BENCH_CONTAINERS, default 200; the issue asks 500, which takes
 //     proportionally longer): memory per container (cgroup memory usage, and RSS of its
 //     processes) and the daemon's RSS before and after.

@@ -118,7 +118,7 @@ describe('system containers on runc', () => {
     assert.match(cli('info', 'c1').stdout, /Privileged:\s+no/);
   });
 
-  it('creates from a spare: moved in whole, owned by its own id block; no two containers (or spares) share a block', async () => {
+  it('creates from a spare: moved in whole, owned by its own id block; no two containers (or spares) share a block; privileged ones copy', async () => {
     // The pool refills (2 spares of busybox) after c1's create.
     const before = await sparesSettled(dataDir, 'busybox', 2);
     const c1 = blockOf(dataDir, 'c1');
@@ -138,13 +138,20 @@ describe('system containers on runc', () => {
     const map = cli('exec', 'sp1', '--', 'cat', '/proc/self/uid_map').stdout.trim().split(/\s+/).map(Number);
     assert.deepEqual(map, [0, sp1, 65_536]);
     // A second one right away (the pool may be refilling): another block again.
-    assert.equal((await op(d.api, 'POST', '/api/v1/instances', { name: 'sp2', type: 'container', image: 'busybox', memory: '32M' })).status, 'success');
+    await d.api.request('POST', '/api/v1/instances', { name: 'sp2', type: 'container', image: 'busybox', memory: '32M' });
     const sp2 = blockOf(dataDir, 'sp2');
     const after = await sparesSettled(dataDir, 'busybox', 2);
     const all = [c1, sp1, sp2, ...after];
     assert.equal(new Set(all).size, all.length, `blocks are unique: ${all.join(' ')}`);
     for (const b of all) assert.equal((b - all[0]!) % 65_536, 0);
-    for (const n of ['sp1', 'sp2']) assert.equal((await op(d.api, 'DELETE', `/api/v1/instances/${n}?force=true`)).status, 'success');
+    // A privileged container takes no spare and no block: a plain copy of the root-owned tree.
+    await d.api.request('POST', '/api/v1/instances', { name: 'pv1', type: 'container', image: 'busybox', memory: '32M', privileged: true });
+    const pv = JSON.parse(readFileSync(join(dataDir, 'instances', 'pv1', 'container.json'), 'utf8')) as { idmap?: unknown };
+    assert.equal(pv.idmap, undefined);
+    for (const p of ['', 'bin/busybox', 'sbin/init']) assert.equal(lstatSync(join(dataDir, 'instances', 'pv1', 'rootfs', p)).uid, 0);
+    assert.equal(statSync(join(dataDir, 'instances', 'pv1', 'rootfs', 'tmp')).mode & 0o7777, 0o1777);
+    assert.deepEqual(readySpares(dataDir, 'busybox'), after, 'the pool is untouched');
+    for (const n of ['sp1', 'sp2', 'pv1']) assert.equal((await op(d.api, 'DELETE', `/api/v1/instances/${n}?force=true`)).status, 'success');
   });
 
   it('exec returns the output, exit status and stdin of the command; exec into a stopped container is refused', async () => {

@@ -4,6 +4,7 @@
 // of ours stays between the daemon and the container, init's stdio are a FIFO and the console
 // log, and a restarted daemon re-attaches from the pid and start time in the instance record.
 import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { lchown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
@@ -15,7 +16,7 @@ import { extractRootfsArchive } from '../../images/container/tar.js';
 import type { Logger } from '../../util/log.js';
 import { KeyedMutex } from '../../util/mutex.js';
 import { isProcessAlive, readProcStat, waitForProcessExit } from '../../util/proc.js';
-import { run } from '../../util/exec.js';
+import { transplantNetns } from './netns.js';
 import type {
   ConsoleAttachment,
   ExecOptions,
@@ -203,10 +204,12 @@ export class ContainerDriver implements InstanceDriver {
     const privileged = instance.config.privileged === true;
     // The fast path: a spare of the image, already shifted into its own block, moved in by rename.
     if (!copy && image?.rootfs && !privileged) {
+      const t0 = performance.now();
       const hostId = await this.spares.take(image, { rootfs: f.rootfs, fifo: f.consoleIn });
       if (hostId !== undefined) {
         await writeMeta(paths.dir, { ...metaFromImage(image), idmap: { hostId, size: IDMAP_SIZE } });
         progress?.(100, 'root filesystem ready (spare)');
+        this.opts.log.debug('root filesystem from a spare', { name: instance.name, hostId, ms: Math.round((performance.now() - t0) * 10) / 10 });
         return instance;
       }
     }
@@ -305,6 +308,7 @@ export class ContainerDriver implements InstanceDriver {
   }
 
   private async startTracked(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
+    const t0 = performance.now();
     const f = containerFiles(ctx.paths.dir);
     // The small files of the start are read and written synchronously: each round trip through the
     // thread pool costs more than the call itself on a busy host, and this is the start's critical path.
@@ -321,32 +325,32 @@ export class ContainerDriver implements InstanceDriver {
     }
     await ensureFifo(f.consoleIn);
     ctx.progress?.(30, 'starting the container (runc)');
-    const nics = instance.config.nics.filter((n) => n.hostIface);
-    const runcT0 = Date.now();
+    // With NICs, the network layer prepared a namespace (config.netns): create the container,
+    // move the interfaces into its own namespace, then start it (see netns.ts).
+    const netns = instance.config.netns;
+    const runcT0 = performance.now();
     const stdio = { stdin: f.consoleIn, out: ctx.paths.consoleLog };
     try {
-      if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
+      if (netns) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
       else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
     } catch (e) {
       // A leftover of an earlier run under the same id (the daemon died mid-cleanup): remove and retry once.
       if (!/already exists/.test((e as Error).message)) throw e;
       await this.runc.delete(id, true);
-      if (nics.length) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
+      if (netns) await this.runc.create(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
       else await this.runc.runDetached(id, ctx.paths.dir, f.pidFile, stdio, f.runcLog);
     }
-    const runcMs = Date.now() - runcT0;
+    const runcMs = Math.round((performance.now() - runcT0) * 10) / 10;
+    const beforeRuncMs = Math.round((runcT0 - t0) * 10) / 10;
     const pid = Number(readFileSync(f.pidFile, 'utf8').trim());
     const st = readProcStat(pid);
     if (!st) {
       await this.runc.delete(id, true);
       throw new HfError('HF_ERR_HYPERVISOR', `the container's init (pid ${pid}) exited at once: see \`hyperfold console ${instance.name} --log\``);
     }
-    if (nics.length) {
+    if (netns) {
       try {
-        for (const n of nics) {
-          await run('ip', ['link', 'set', 'dev', n.hostIface!, 'netns', String(pid)], { errorCode: 'HF_ERR_HYPERVISOR' });
-          await run('nsenter', ['-t', String(pid), '-n', 'ip', 'link', 'set', 'dev', n.hostIface!, 'name', n.name, 'address', n.mac, 'up'], { errorCode: 'HF_ERR_HYPERVISOR' });
-        }
+        await transplantNetns(netns, pid);
         await this.runc.start(id);
       } catch (e) {
         await this.runc.delete(id, true);
@@ -369,7 +373,7 @@ export class ContainerDriver implements InstanceDriver {
     const handle = new ContainerHandle(this, runtime, ctx.paths, meta, ctx);
     await handle.init();
     ctx.progress?.(100, 'running');
-    this.opts.log.debug('container started', { name: instance.name, pid, id, runcMs: runcMs });
+    this.opts.log.debug('container started', { name: instance.name, pid, id, ms: { beforeRunc: beforeRuncMs, runc: runcMs, total: Math.round((performance.now() - t0) * 10) / 10 } });
     return handle;
   }
 

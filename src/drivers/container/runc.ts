@@ -5,7 +5,7 @@ import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 import { run, which } from '../../util/exec.js';
-import { Spawner } from './spawner.js';
+import { Spawner, SpawnerUnavailable } from './spawner.js';
 import type { OciResources } from './spec.js';
 
 /** A container's stdio: stdin is `stdin` opened read-write (the console FIFO), stdout and stderr append to `out`. */
@@ -70,13 +70,17 @@ export class Runc {
     truncateFile(logFile);
     const argv = [bin, '--root', this.root, '--log', logFile, '--log-format', 'json', ...args];
     const readErr = async () => cleanRuncError(await readFile(logFile, 'utf8').catch(() => ''));
-    let result: { code: number | null; signal: NodeJS.Signals | null };
+    const label = `runc ${args[0]}`;
+    let result: { code: number | null; signal: NodeJS.Signals | null } | undefined;
     if (this.spawner.usable(argv, stdio.stdin, stdio.out)) {
-      const status = await this.spawner.run(argv, stdio.stdin, stdio.out, timeoutMs);
-      result = { code: status, signal: null };
-    } else {
-      result = await spawnDirect(argv, stdio, timeoutMs);
+      try {
+        result = { code: await this.spawner.run(argv, stdio.stdin, stdio.out, timeoutMs, label), signal: null };
+      } catch (e) {
+        // runc never started (the shell is gone): start it ourselves.
+        if (!(e instanceof SpawnerUnavailable)) throw e;
+      }
     }
+    result ??= await spawnDirect(argv, stdio, timeoutMs, label);
     if (result.code !== 0) throw new HfError('HF_ERR_HYPERVISOR', `runc ${args[0]} failed (${result.signal ?? `exit ${result.code}`}): ${await readErr()}`);
   }
 
@@ -148,7 +152,7 @@ function truncateFile(file: string): void {
 }
 
 /** Spawns `argv` from the daemon, with the container's stdio as file descriptors. */
-async function spawnDirect(argv: string[], stdio: ContainerStdio, timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+async function spawnDirect(argv: string[], stdio: ContainerStdio, timeoutMs: number, label: string): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
   const inFd = openSync(stdio.stdin, 'r+');
   let outFd: number;
   try {
@@ -162,7 +166,7 @@ async function spawnDirect(argv: string[], stdio: ContainerStdio, timeoutMs: num
     return await new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         child.kill('SIGKILL');
-        reject(new HfError('HF_ERR_TIMEOUT', `runc ${argv.find((a) => !a.startsWith('-') && a !== argv[0])} did not finish within ${timeoutMs} ms`));
+        reject(new HfError('HF_ERR_TIMEOUT', `${label} did not finish within ${timeoutMs} ms`));
       }, timeoutMs);
       child.once('error', (e: NodeJS.ErrnoException) => {
         clearTimeout(timer);

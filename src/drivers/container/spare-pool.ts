@@ -27,6 +27,8 @@ export const DEFAULT_SPARE_IMAGES = 4;
 const BACKGROUND_NICE = 10;
 /** The worker thread ends after this long without a job. */
 const WORKER_LINGER_MS = 1000;
+/** How often the images that spares were made from are checked (deleted or rebuilt: spares dropped). */
+const SWEEP_MS = 60_000;
 /** A create waits at most this long for a spare being prepared, then copies itself. */
 const MAX_WAIT_MS = 10_000;
 
@@ -79,12 +81,15 @@ export class SparePool {
   private jobSeq = 0;
   private readonly jobs = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
 
+  /** Set when the instances turn out to be on another filesystem (a spare cannot be renamed there). */
+  private crossDevice = false;
+
   constructor(private readonly opts: SparePoolOptions) {
     this.planner = new SparePlanner({ perImage: opts.perImage, maxImages: opts.maxImages });
   }
 
   get enabled(): boolean {
-    return this.opts.perImage > 0;
+    return this.opts.perImage > 0 && !this.crossDevice;
   }
 
   spareDir(image: string, hostId: number, tmp = false): string {
@@ -112,7 +117,12 @@ export class SparePool {
 
   /** Once per daemon: adopts the ready spares on disk and removes what a crash left. */
   load(): Promise<void> {
-    return (this.loading ??= this.scan());
+    if (!this.loading) {
+      this.loading = this.scan();
+      // Images deleted while nobody creates containers: their spares go within a minute or so.
+      setInterval(() => void this.sweep().catch(() => undefined), SWEEP_MS).unref();
+    }
+    return this.loading;
   }
 
   private async scan(): Promise<void> {
@@ -176,6 +186,14 @@ export class SparePool {
         try {
           renameSync(join(dir, 'rootfs'), dst.rootfs);
         } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'EXDEV') {
+            // The instances live on another filesystem: spares cannot be moved there, ever.
+            this.opts.log.warn('spare root filesystems turned off: the instances are on another filesystem than the spares', { spares: this.opts.dir });
+            this.crossDevice = true;
+            this.discard(image.name, [hostId, ...this.planner.drop(image.name)], 'cannot be moved to the instances');
+            for (const other of this.planner.images()) this.wake(other, true);
+            return undefined;
+          }
           this.discard(image.name, [hostId], `cannot take it: ${(e as Error).message}`);
           continue;
         }
@@ -215,7 +233,7 @@ export class SparePool {
     });
   }
 
-  /** Hands new spares to waiting creates; after a failure, the waiters copy for themselves. */
+  /** Hands new spares to waiting creates; after a failure (or a drop), the waiters copy for themselves. */
   private wake(image: string, failed: boolean): void {
     const list = this.waiters.get(image);
     if (!list) return;
@@ -257,13 +275,8 @@ export class SparePool {
       });
   }
 
-  /** Resolves when no spare is being prepared (tests, benchmarks, shutdown). */
-  async settled(): Promise<void> {
-    while (this.pumping) await this.pumping;
-  }
-
   private async pump(): Promise<void> {
-    for (;;) {
+    while (this.enabled) {
       // Refills wait for a quiet moment (no create or start in flight), unless a create waits or
       // an image has no spare left: then they run beside the requests (at a low priority).
       if (!this.planner.urgent() && !this.planner.starved() && this.opts.idle && this.planner.next(Date.now(), true)) {
@@ -282,13 +295,14 @@ export class SparePool {
 
   /** Drops the spares of images whose tree is gone or replaced (deleted, rebuilt, re-imported). */
   private async sweep(): Promise<void> {
-    if (Date.now() - this.lastSweep < 30_000) return;
+    if (Date.now() - this.lastSweep < SWEEP_MS / 2) return;
     this.lastSweep = Date.now();
     for (const [image, o] of this.origins) {
       const ino = await stat(o.path).then((s) => s.ino, () => undefined);
       if (ino === o.ino) continue;
       this.origins.delete(image);
       this.discard(image, this.planner.drop(image), 'the image is gone or rebuilt');
+      this.wake(image, true);
     }
   }
 

@@ -29,6 +29,9 @@ while read -r line; do
 done
 `;
 
+/** The spawner could not run the command at all (it never started it): the caller may run it another way. */
+export class SpawnerUnavailable extends Error {}
+
 interface Pending {
   pid?: number;
   resolve: (code: number) => void;
@@ -56,7 +59,7 @@ export class Spawner {
     p.stdout!.on('data', (d: string) => this.onData(d));
     const gone = (why: string) => {
       if (this.proc === p) this.proc = undefined;
-      for (const x of this.pending.values()) x.reject(new HfError('HF_ERR_HYPERVISOR', `the runc spawner ${why}`));
+      for (const x of this.pending.values()) x.reject(x.pid === undefined ? new SpawnerUnavailable(`the spawner ${why}`) : new HfError('HF_ERR_HYPERVISOR', `the spawner ${why} while pid ${x.pid} ran`));
       this.pending.clear();
     };
     p.once('error', (e) => {
@@ -94,7 +97,7 @@ export class Spawner {
    * Runs `argv` (argv[0] an absolute path) with stdin = `stdin` opened read-write and stdout and
    * stderr appended to `out`; resolves with its exit status (128 + n for signal n).
    */
-  run(argv: string[], stdin: string, out: string, timeoutMs: number): Promise<number> {
+  run(argv: string[], stdin: string, out: string, timeoutMs: number, label = argv[0]): Promise<number> {
     const p = this.ensure();
     const seq = ++this.seq;
     return new Promise<number>((resolve, reject) => {
@@ -108,7 +111,7 @@ export class Spawner {
             // gone
           }
         }
-        reject(new HfError('HF_ERR_TIMEOUT', `${argv[0]} did not finish within ${timeoutMs} ms`));
+        reject(new HfError('HF_ERR_TIMEOUT', `${label} did not finish within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(seq, {
         resolve: (code) => {
