@@ -228,7 +228,13 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
       sh('ip', ['-n', ns, 'link', 'set', 'dev', 'eth0', 'address', mac]);
     }
     assert.ok(dropCounter(names.table, chain) > afterIp);
-    assert.ok(ping(ns, ip2), 'its own addresses work again');
+    // Neighbour entries learnt while the MAC was forged take a moment to settle.
+    let ok = ping(ns, ip2);
+    for (let i = 0; i < 5 && !ok; i++) {
+      await new Promise((r) => setTimeout(r, 1000));
+      ok = ping(ns, ip2);
+    }
+    assert.ok(ok, 'its own addresses work again');
   });
 
   it('a firewall rule blocks a port; removing it unblocks; the policy applies', async () => {
