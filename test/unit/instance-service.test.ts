@@ -5,76 +5,26 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { FastifyInstance } from 'fastify';
-import { buildApp } from '../../src/api/server.js';
-import type { ApiServices } from '../../src/api/services.js';
-import { DataPaths } from '../../src/daemon/config.js';
 import { EventBus } from '../../src/services/events.js';
-import { ImageService } from '../../src/services/images.js';
-import { InstanceService } from '../../src/services/instances.js';
 import { OperationManager } from '../../src/services/operations.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
-import { silentLogger } from '../../src/util/log.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
 import { HfError } from '../../src/core/errors.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
+import { buildWorld, TEST_TOKEN, type TestWorld } from '../helpers/world.js';
+import { silentLogger } from '../../src/util/log.js';
 
-const TOKEN = 'test-token-0123456789abcdef0123456789';
-
-interface World {
-  dir: string;
-  store: SqliteStateStore;
+interface World extends TestWorld {
   driver: FakeDriver;
-  events: EventBus;
-  ops: OperationManager;
-  svc: InstanceService;
-  app: FastifyInstance;
 }
 
 async function world(dir: string, store: SqliteStateStore, driver = new FakeDriver()): Promise<World> {
-  const events = new EventBus('h1');
-  const ops = new OperationManager(store, events, 'h1', silentLogger);
-  await ops.recover();
-  const paths = new DataPaths(dir);
-  const images = new ImageService(store, paths, ops);
-  const svc = new InstanceService({
-    store,
-    drivers: new Map([['vm', driver]]),
-    images,
-    operations: ops,
-    events,
-    log: silentLogger,
-    hostName: 'h1',
-    instancesDir: paths.instancesDir,
-    capacity: () => ({ cpus: 4, memoryMiB: 4096 }),
-    overcommit: { cpu: 1, memory: 1 },
-    stopTimeoutMs: 200,
-    consoleLogMaxBytes: 1024,
-  });
-  const services: ApiServices = {
-    instances: svc,
-    operations: ops,
-    images,
-    events,
-    version: 'test',
-    host: async () => {
-      throw new HfError('HF_ERR_UNSUPPORTED', 'not in unit tests');
-    },
-  };
-  const app = await buildApp(services, { token: TOKEN, log: silentLogger, version: 'test' });
-  return { dir, store, driver, events, ops, svc, app };
+  return { ...(await buildWorld(dir, { store, drivers: [['vm', driver]] })), driver };
 }
 
-async function call(w: World, method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await w.app.inject({ method: method as 'GET', url, payload: body as Record<string, unknown> | undefined, headers: { authorization: `Bearer ${TOKEN}` } });
-  return { status: res.statusCode, json: res.body ? (JSON.parse(res.body) as Record<string, unknown>) : {} };
-}
-
-async function finish(w: World, res: { json: Record<string, unknown> }): Promise<Operation> {
-  const op = res.json.operation as Operation;
-  return w.ops.wait(op.id, 10_000);
-}
+const call = (w: World, method: string, url: string, body?: unknown) => w.call(method, url, body);
+const finish = (w: World, res: { json: Record<string, unknown> }) => w.finish(res);
 
 describe('instance service over the API (fake driver)', () => {
   let dir: string;
@@ -235,7 +185,7 @@ describe('instance service over the API (fake driver)', () => {
     }
     const noAuth = await w.app.inject({ method: 'GET', url: '/api/v1/instances' });
     assert.equal(noAuth.statusCode, 401);
-    const badJson = await w.app.inject({ method: 'POST', url: '/api/v1/instances', payload: '{"name":', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' } });
+    const badJson = await w.app.inject({ method: 'POST', url: '/api/v1/instances', payload: '{"name":', headers: { authorization: `Bearer ${TEST_TOKEN}`, 'content-type': 'application/json' } });
     assert.equal(badJson.statusCode, 400);
     assert.equal((JSON.parse(badJson.body) as { error: { code: string } }).error.code, 'HF_ERR_BAD_JSON');
   });

@@ -7,23 +7,17 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { buildApp } from '../../src/api/server.js';
-import type { ApiServices } from '../../src/api/services.js';
-import { HfError, isHfError } from '../../src/core/errors.js';
+import { isHfError } from '../../src/core/errors.js';
 import { isVmLiveInfo, type VmLiveInfo } from '../../src/core/live-plan.js';
 import type { Instance, InstanceConfig } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
-import { DataPaths } from '../../src/daemon/config.js';
 import type { InstanceHandle, StartContext } from '../../src/drivers/driver.js';
 import { applyLiveChanges, enableGuestStats, readLiveInfo, readLiveVmState } from '../../src/drivers/qemu/live.js';
 import { QmpClient } from '../../src/drivers/qemu/qmp/client.js';
-import { EventBus } from '../../src/services/events.js';
-import { ImageService } from '../../src/services/images.js';
 import { InstanceService } from '../../src/services/instances.js';
 import { OperationManager } from '../../src/services/operations.js';
-import { SqliteStateStore } from '../../src/state/sqlite-store.js';
-import { silentLogger } from '../../src/util/log.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
+import { buildWorld, TEST_TOKEN } from '../helpers/world.js';
 import { FakeQmpServer, type FakeReply } from '../helpers/fake-qmp-server.js';
 
 const MiB = 1024 * 1024;
@@ -407,7 +401,7 @@ describe('live changes over QMP (fake monitor)', () => {
 
 // ---- through the service and the API ---------------------------------------------------------
 
-const TOKEN = 'test-token-0123456789abcdef0123456789';
+const TOKEN = TEST_TOKEN;
 
 /** The fake driver, with handles whose live capabilities are the real live.ts over a FakeVm. */
 class LiveFakeDriver extends FakeDriver {
@@ -454,39 +448,9 @@ describe('live changes through the instance service and the API', () => {
   });
   beforeEach(async () => {
     await driver?.close();
-    const sub = await mkdtemp(join(dir, 'w-'));
-    const store = SqliteStateStore.open(':memory:');
-    const events = new EventBus('h1');
-    ops = new OperationManager(store, events, 'h1', silentLogger);
-    await ops.recover();
-    const paths = new DataPaths(sub);
-    const images = new ImageService(store, paths, ops);
     driver = new LiveFakeDriver();
-    svc = new InstanceService({
-      store,
-      drivers: new Map([['vm', driver]]),
-      images,
-      operations: ops,
-      events,
-      log: silentLogger,
-      hostName: 'h1',
-      instancesDir: paths.instancesDir,
-      capacity: () => ({ cpus: 4, memoryMiB: 4096 }),
-      overcommit: { cpu: 1, memory: 1 },
-      stopTimeoutMs: 200,
-      consoleLogMaxBytes: 1024,
-    });
-    const services: ApiServices = {
-      instances: svc,
-      operations: ops,
-      images,
-      events,
-      version: 'test',
-      host: async () => {
-        throw new HfError('HF_ERR_UNSUPPORTED', 'not in unit tests');
-      },
-    };
-    app = await buildApp(services, { token: TOKEN, log: silentLogger, version: 'test' });
+    const w = await buildWorld(await mkdtemp(join(dir, 'w-')), { drivers: [['vm', driver]] });
+    ({ svc, ops, app } = w);
   });
 
   async function call(method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {

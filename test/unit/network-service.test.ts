@@ -9,23 +9,19 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { buildApp } from '../../src/api/server.js';
-import type { ApiServices } from '../../src/api/services.js';
 import { HfError } from '../../src/core/errors.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
-import { DataPaths } from '../../src/daemon/config.js';
 import type { DnsmasqFiles } from '../../src/network/dnsmasq.js';
 import type { HostRoute, LinkInfo, NetHost, NicInNetns, PortOptions } from '../../src/network/host.js';
 import { NetNames } from '../../src/network/names.js';
-import { EventBus } from '../../src/services/events.js';
-import { ImageService } from '../../src/services/images.js';
 import { InstanceService } from '../../src/services/instances.js';
 import { NetworkService, type NetworkView } from '../../src/services/networks.js';
 import { OperationManager } from '../../src/services/operations.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
+import { buildWorld } from '../helpers/world.js';
 
 class FakeNetHost implements NetHost {
   links = new Map<string, LinkInfo & { isolated?: boolean }>();
@@ -151,45 +147,28 @@ interface World {
 }
 
 async function world(dir: string, store = SqliteStateStore.open(':memory:'), host = new FakeNetHost()): Promise<World> {
-  const events = new EventBus('h1');
-  const ops = new OperationManager(store, events, 'h1', silentLogger);
-  await ops.recover();
-  const paths = new DataPaths(dir);
-  const images = new ImageService(store, paths, ops);
-  const net = new NetworkService({ store, host, names: new NetNames('e5e5'), networksDir: join(dir, 'networks'), dataDir: dir, events, operations: ops, log: silentLogger, ownersDir: join(dir, 'owners') });
-  const svc = new InstanceService({
+  let net!: NetworkService;
+  const w = await buildWorld(dir, {
     store,
-    drivers: new Map([
+    drivers: [
       ['vm', new FakeDriver()],
       ['container', new FakeDriver()],
-    ]),
-    images,
-    operations: ops,
-    events,
-    log: silentLogger,
-    hostName: 'h1',
-    instancesDir: paths.instancesDir,
-    capacity: () => ({ cpus: 8, memoryMiB: 8192 }),
+    ],
+    capacity: { cpus: 8, memoryMiB: 8192 },
     overcommit: { cpu: 4, memory: 1 },
-    stopTimeoutMs: 200,
-    consoleLogMaxBytes: 1024,
-    extensions: [net.extension],
-  });
-  net.bindInstances(svc);
-  await net.start();
-  const services: ApiServices = {
-    instances: svc,
-    operations: ops,
-    images,
-    events,
-    networks: net,
-    version: 'test',
-    host: async () => {
-      throw new HfError('HF_ERR_UNSUPPORTED', 'not in unit tests');
+    plugins: async ({ events, ops }) => {
+      net = new NetworkService({ store, host, names: new NetNames('e5e5'), networksDir: join(dir, 'networks'), dataDir: dir, events, operations: ops, log: silentLogger, ownersDir: join(dir, 'owners') });
+      return {
+        extensions: [net.extension],
+        services: { networks: net },
+        bind: async (svc) => {
+          net.bindInstances(svc);
+          await net.start();
+        },
+      };
     },
-  };
-  const app = await buildApp(services, { token: TOKEN, log: silentLogger, version: 'test' });
-  return { dir, host, ops, svc, net, app };
+  });
+  return { dir, host, ops: w.ops, svc: w.svc, net, app: w.app };
 }
 
 async function call(w: World, method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
