@@ -52,8 +52,12 @@ function defaultOnCorrupt(key: string, err: HfError): void {
   process.stderr.write(JSON.stringify({ t: new Date().toISOString(), level: 'error', msg: 'corrupt state entry skipped', key, error: err.message }) + '\n');
 }
 
+const VALIDATED_CACHE_MAX = 50_000;
+
 export class Collection<T> {
   private readonly onCorrupt: (key: string, err: HfError) => void;
+  /** key → the modRevision whose stored value is known to be valid as it is. */
+  private readonly validated = new Map<string, number>();
 
   constructor(
     private readonly store: StateStore,
@@ -201,8 +205,17 @@ export class Collection<T> {
   }
 
   private tryRead(entry: KvEntry): Versioned<T> | undefined {
+    // A (key, revision) pair never changes its value. Once a revision parsed to exactly what is
+    // stored (true of everything written through check()), later reads skip the schema: parsing
+    // dominates listing large collections. The store hands out a fresh copy every time.
+    if (this.validated.get(entry.key) === entry.modRevision) return { value: entry.value as T, revision: entry.modRevision };
     try {
-      return { value: this.read(entry.key, entry.value), revision: entry.modRevision };
+      const value = this.read(entry.key, entry.value);
+      if (JSON.stringify(value) === JSON.stringify(entry.value)) {
+        this.validated.set(entry.key, entry.modRevision);
+        if (this.validated.size > VALIDATED_CACHE_MAX) this.validated.delete(this.validated.keys().next().value as string);
+      }
+      return { value, revision: entry.modRevision };
     } catch (e) {
       this.report(entry.key, e);
       return undefined;

@@ -7,7 +7,7 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isHfError } from '../../src/core/errors.js';
-import { Spawner } from '../../src/drivers/container/spawner.js';
+import { Spawner } from '../../src/util/spawner.js';
 
 describe('runc spawner', () => {
   let dir: string;

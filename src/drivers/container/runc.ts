@@ -5,7 +5,7 @@ import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 import { run, which } from '../../util/exec.js';
-import { Spawner, SpawnerUnavailable } from './spawner.js';
+import { Spawner, SpawnerUnavailable } from '../../util/spawner.js';
 import type { OciResources } from './spec.js';
 
 /** A container's stdio: stdin is `stdin` opened read-write (the console FIFO), stdout and stderr append to `out`. */

@@ -18,6 +18,7 @@ import type { NicConfig } from '../../core/model/instance.js';
 import { applyLiveChanges, enableGuestStats, readLiveInfo } from './live.js';
 import { deleteSnapshotLive, loadSnapshotLive, saveSnapshotLive, snapshotDisksLive } from './snapshot.js';
 import { QemuProcess } from './process.js';
+import { Spawner } from '../../util/spawner.js';
 import { QmpLog } from './qmp/log.js';
 
 export interface QemuDriverOptions {
@@ -58,6 +59,8 @@ function files(paths: InstancePaths, sockDir: string) {
 export class QemuDriver implements InstanceDriver {
   readonly type = 'vm' as const;
   private binaryChecked: string | undefined;
+  /** Starts QEMU without forking the daemon (see util/spawner.ts). */
+  private readonly spawner = new Spawner();
 
   constructor(private readonly opts: QemuDriverOptions) {}
 
@@ -121,7 +124,7 @@ export class QemuDriver implements InstanceDriver {
     });
     ctx.progress?.(20, `spawning QEMU (${accel})`);
     const log = new QmpLog({ file: f.qmpLog });
-    const proc = await QemuProcess.spawn(this.opts.binary, argv, { qmpSocket: f.qmpSocket, stderrLog: f.stderrLog }, log, this.opts.startTimeoutMs);
+    const proc = await QemuProcess.spawn(this.opts.binary, argv, { qmpSocket: f.qmpSocket, stderrLog: f.stderrLog }, log, this.opts.startTimeoutMs, this.spawner);
     const runtime: RuntimeInfo = {
       pid: proc.pid,
       pidStartTime: proc.startTime,

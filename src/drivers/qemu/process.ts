@@ -8,6 +8,8 @@ import { HfError } from '../../core/errors.js';
 import type { ExitInfo } from '../driver.js';
 import { isProcessAlive, readProcStat, waitForProcessExit } from '../../util/proc.js';
 import { QmpClient, type QmpEvent } from './qmp/client.js';
+import { Spawner, SpawnerUnavailable } from '../../util/spawner.js';
+import { constants } from 'node:os';
 import type { QmpLog } from './qmp/log.js';
 
 export interface QemuProcessFiles {
@@ -33,6 +35,8 @@ export class QemuProcess {
     readonly startTime: number,
     readonly qmp: QmpClient,
     private readonly child: ChildProcess | undefined,
+    /** The exit status reported by the spawner that started it (while that lives). */
+    spawnerExit?: Promise<number>,
   ) {
     this.exited = new Promise((r) => (this.resolveExit = r));
     qmp.on('event', (ev) => {
@@ -41,6 +45,10 @@ export class QemuProcess {
     if (child) {
       child.once('exit', (code, signal) => this.finish(code, signal));
     } else {
+      spawnerExit?.then(
+        (status) => this.finish(status > 128 ? null : status, status > 128 ? signalName(status - 128) : null),
+        () => undefined,
+      );
       // Not our child: the QMP socket closing is the first sign; /proc confirms.
       qmp.once('disconnect', () => void this.confirmGone());
       // Belt and braces: a QEMU that hangs with its socket open but whose process vanished.
@@ -51,8 +59,40 @@ export class QemuProcess {
     }
   }
 
-  /** Spawns QEMU and connects to its QMP socket; fails with QEMU's own words if it dies first. */
-  static async spawn(binary: string, argv: string[], files: QemuProcessFiles, log: QmpLog, timeoutMs = 15_000): Promise<QemuProcess> {
+  /**
+   * Spawns QEMU and connects to its QMP socket; fails with QEMU's own words if it dies first.
+   * With a spawner, QEMU is started by that small shell instead of forking the daemon (fork
+   * copies the daemon's page tables: milliseconds at ~100 MiB resident).
+   */
+  static async spawn(binary: string, argv: string[], files: QemuProcessFiles, log: QmpLog, timeoutMs = 15_000, spawner?: Spawner): Promise<QemuProcess> {
+    if (spawner?.usable([binary, ...argv], '/dev/null', files.stderrLog)) {
+      let started: { pid: number; exit: Promise<number> } | undefined;
+      try {
+        started = await spawner.start([binary, ...argv], '/dev/null', files.stderrLog, timeoutMs);
+      } catch (e) {
+        if (!(e instanceof SpawnerUnavailable)) throw e;
+      }
+      if (started) {
+        const { pid, exit } = started;
+        const abort = new AbortController();
+        const early = exit.then((status) => {
+          abort.abort();
+          throw new HfError('HF_ERR_HYPERVISOR', `QEMU exited during start (status ${status}): ${tail(files.stderrLog)}`);
+        });
+        early.catch(() => undefined);
+        try {
+          const qmp = await Promise.race([QmpClient.connect(files.qmpSocket, { retryUntilMs: timeoutMs, log, connectTimeoutMs: timeoutMs, signal: abort.signal }), early]);
+          return new QemuProcess(pid, readProcStat(pid)?.startTime ?? 0, qmp, undefined, exit);
+        } catch (e) {
+          try {
+            process.kill(pid, 'SIGKILL');
+          } catch {
+            // gone
+          }
+          throw e;
+        }
+      }
+    }
     const errFd = openSync(files.stderrLog, 'a', 0o600);
     let child: ChildProcess;
     try {
@@ -153,4 +193,9 @@ function tail(file: string, bytes = 2000): string {
   } catch {
     return '(no output)';
   }
+}
+
+function signalName(n: number): NodeJS.Signals | null {
+  const found = Object.entries(constants.signals).find(([, v]) => v === n);
+  return found ? (found[0] as NodeJS.Signals) : null;
 }

@@ -8,7 +8,7 @@
 // container depends on it. It ends when the daemon does (end of file on its input).
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
-import { HfError } from '../../core/errors.js';
+import { HfError } from '../core/errors.js';
 
 /**
  * Fields are separated by tabs (no globbing, `set -f`); the subshell pair detaches each request
@@ -34,6 +34,7 @@ export class SpawnerUnavailable extends Error {}
 
 interface Pending {
   pid?: number;
+  onPid?: (pid: number) => void;
   resolve: (code: number) => void;
   reject: (e: Error) => void;
 }
@@ -85,7 +86,10 @@ export class Spawner {
       const m = /^(\d+) (pid|exit) (\d+)$/.exec(line);
       const p = m ? this.pending.get(Number(m[1])) : undefined;
       if (!m || !p) continue;
-      if (m[2] === 'pid') p.pid = Number(m[3]);
+      if (m[2] === 'pid') {
+        p.pid = Number(m[3]);
+        p.onPid?.(p.pid);
+      }
       else {
         this.pending.delete(Number(m[1]));
         p.resolve(Number(m[3]));
@@ -121,6 +125,49 @@ export class Spawner {
         reject: (e) => {
           clearTimeout(timer);
           reject(e);
+        },
+      });
+      p.stdin!.write([String(seq), stdin, out, ...argv].join('\t') + '\n');
+    });
+  }
+
+  /**
+   * Starts a long-running `argv` (a VM's QEMU) the same way and resolves once it has a pid; `exit`
+   * resolves with its exit status while the spawner lives (it rejects if the spawner goes first,
+   * e.g. with the daemon: then the caller falls back to watching the process itself).
+   */
+  start(argv: string[], stdin: string, out: string, timeoutMs: number): Promise<{ pid: number; exit: Promise<number> }> {
+    const p = this.ensure();
+    const seq = ++this.seq;
+    return new Promise((resolvePid, rejectPid) => {
+      let resolveExit!: (code: number) => void;
+      let rejectExit!: (e: Error) => void;
+      const exit = new Promise<number>((res, rej) => {
+        resolveExit = res;
+        rejectExit = rej;
+      });
+      exit.catch(() => undefined);
+      let started = false;
+      const timer = setTimeout(() => {
+        if (started) return;
+        this.pending.delete(seq);
+        rejectPid(new HfError('HF_ERR_TIMEOUT', `${argv[0]} did not start within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(seq, {
+        onPid: (pid) => {
+          started = true;
+          clearTimeout(timer);
+          resolvePid({ pid, exit });
+        },
+        resolve: (code) => {
+          clearTimeout(timer);
+          if (!started) rejectPid(new SpawnerUnavailable(`${argv[0]} exited (${code}) before it reported a pid`));
+          resolveExit(code);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          if (!started) rejectPid(e);
+          rejectExit(e);
         },
       });
       p.stdin!.write([String(seq), stdin, out, ...argv].join('\t') + '\n');
