@@ -468,15 +468,31 @@ describe('SqliteStateStore: files', () => {
     assert.throws(() => SqliteStateStore.open(dir), (e) => isHfError(e, 'HF_ERR_DATA_DIR') && /not a regular file/.test(e.message));
   });
 
-  test('HF_ERR_DATA_DIR for a directory that is not writable', { skip: process.getuid?.() === 0 ? 'root ignores directory permissions' : false }, async (t) => {
+  test('HF_ERR_DATA_DIR for a directory that is not writable', async (t) => {
     const dir = tmp(t);
+    chmodSync(dir, 0o755);
     const ro = join(dir, 'ro');
     mkdirSync(ro, { mode: 0o555 });
     try {
-      assert.throws(
-        () => SqliteStateStore.open(join(ro, 'state.db')),
-        (e) => isHfError(e, 'HF_ERR_DATA_DIR') && e.message.includes(ro) && /not writable/.test(e.message),
-      );
+      if (process.getuid?.() !== 0) {
+        assert.throws(
+          () => SqliteStateStore.open(join(ro, 'state.db')),
+          (e) => isHfError(e, 'HF_ERR_DATA_DIR') && e.message.includes(ro) && /not writable/.test(e.message),
+        );
+        return;
+      }
+      // Root ignores directory permissions: check it as an unprivileged user in a child process.
+      const mod = new URL('../../src/state/sqlite-store.js', import.meta.url).href;
+      const script = `import(${JSON.stringify(mod)}).then((m) => { try { m.SqliteStateStore.open(${JSON.stringify(join(ro, 'state.db'))}); console.log('OPENED'); } catch (e) { console.log(e.code + ' ' + e.message); } }, (e) => console.log('NOIMPORT ' + e.message))`;
+      const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--input-type=module', '-e', script], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+      if (r.stdout.startsWith('NOIMPORT')) {
+        // The checkout itself is not readable by an unprivileged user (e.g. under /root).
+        t.skip(`cannot run as an unprivileged user here: ${r.stdout.trim()}`);
+        return;
+      }
+      assert.match(r.stdout, /^HF_ERR_DATA_DIR .*not writable/m);
+      assert.ok(r.stdout.includes(ro), r.stdout);
     } finally {
       chmodSync(ro, 0o755);
     }
