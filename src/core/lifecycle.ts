@@ -26,9 +26,6 @@ const RULES: Record<Action, Rule> = {
   update: { from: ['stopped', 'crashed', 'error', 'running', 'paused'] },
 };
 
-export function allowedFrom(action: Action): readonly InstanceState[] {
-  return RULES[action].from;
-}
 
 /** Throws a named error when `action` is not allowed in `state`; otherwise returns the rule. */
 export function checkAction(name: string, state: InstanceState, action: Action): { during?: InstanceState; to?: InstanceState } {

@@ -5,7 +5,7 @@ import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { mkdir, rm, stat, open, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
-import { HfError, isHfError, toHfError } from '../core/errors.js';
+import { HfError, toHfError } from '../core/errors.js';
 import { checkAction, decideOnExit, isActive, restartBackoffMs, type Action } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
@@ -54,10 +54,6 @@ export interface InstanceServiceDeps {
   extensions?: InstanceExtension[];
 }
 
-export interface InstanceView extends Instance {
-  /** Observed from the hypervisor, not the record, when the daemon has a handle. */
-  pid?: number;
-}
 
 
 export class InstanceService {
@@ -108,7 +104,6 @@ export class InstanceService {
   async create(body: unknown): Promise<Instance> {
     const req = parseInput(createInstanceSchema, body);
     const driver = this.driver(req.type);
-    checkFitsHost({ name: req.name, vcpus: req.vcpus, memoryMiB: req.memory }, this.d.capacity());
     if (await this.records.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
 
     return this.locks.run(req.name, 'create', () =>
@@ -708,6 +703,3 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-export function isNotFound(e: unknown): boolean {
-  return isHfError(e, 'HF_ERR_INSTANCE_NOT_FOUND');
-}

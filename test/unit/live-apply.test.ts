@@ -19,6 +19,7 @@ import { OperationManager } from '../../src/services/operations.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
 import { buildWorld, TEST_TOKEN } from '../helpers/world.js';
 import { FakeQmpServer, type FakeReply } from '../helpers/fake-qmp-server.js';
+import { vmConfig } from '../helpers/fixtures.js';
 
 const MiB = 1024 * 1024;
 const NOT_REPORTED = 2 ** 64; // QEMU's "not reported" (2^64-1) as JSON turns it into a double
@@ -202,19 +203,7 @@ async function connect(vm: FakeVm): Promise<QmpClient> {
   return QmpClient.connect(vm.server.socketPath, { defaultTimeoutMs: 3000 });
 }
 
-const baseConfig: InstanceConfig = {
-  vcpus: 1,
-  maxVcpus: 2,
-  memoryMiB: 256,
-  maxMemoryMiB: 1024,
-  disks: [],
-  nics: [],
-  boot: { kind: 'kernel', kernel: '/k', cmdline: '' },
-  accel: 'tcg',
-  devices: 'virtio',
-  restartPolicy: 'never',
-  autostart: false,
-};
+const baseConfig: InstanceConfig = vmConfig();
 
 function hfError(code: string, re?: RegExp): (e: unknown) => boolean {
   return (e) => {

@@ -14,20 +14,9 @@ import {
   type VmLiveInfo,
 } from '../../src/core/live-plan.js';
 import type { InstanceConfig } from '../../src/core/model/instance.js';
+import { vmConfig } from '../helpers/fixtures.js';
 
-const config: InstanceConfig = {
-  vcpus: 1,
-  maxVcpus: 2,
-  memoryMiB: 256,
-  maxMemoryMiB: 1024,
-  disks: [],
-  nics: [],
-  boot: { kind: 'kernel', kernel: '/k', cmdline: '' },
-  accel: 'tcg',
-  devices: 'virtio',
-  restartPolicy: 'never',
-  autostart: false,
-};
+const config: InstanceConfig = vmConfig();
 
 const cpu = (socket: number, present: boolean): CpuSlot => ({
   type: 'max-x86_64-cpu',
