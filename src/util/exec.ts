@@ -37,19 +37,14 @@ export async function run(
   });
 }
 
-/** Resolves the absolute path of a program on PATH, or undefined. */
+/** Where programs are looked for after PATH: root's sbin directories are often missing from it. */
+const EXTRA_DIRS = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
+
+/** Resolves the absolute path of an executable (on PATH, then the usual bin/sbin dirs), or undefined. */
 export async function which(cmd: string): Promise<string | undefined> {
   const { access } = await import('node:fs/promises');
-  if (cmd.includes('/')) {
-    try {
-      await access(cmd, 1);
-      return cmd;
-    } catch {
-      return undefined;
-    }
-  }
-  for (const dir of (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':')) {
-    const p = `${dir}/${cmd}`;
+  const candidates = cmd.includes('/') ? [cmd] : [...new Set([...(process.env.PATH ?? '').split(':').filter(Boolean), ...EXTRA_DIRS])].map((d) => `${d}/${cmd}`);
+  for (const p of candidates) {
     try {
       await access(p, 1);
       return p;

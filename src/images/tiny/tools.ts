@@ -2,10 +2,9 @@
 // which a non-login root shell may lack), a missing-tool error that names the exact apt-get
 // command, and a small abortable process runner.
 
+import { which } from '../../util/exec.js';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { constants as fsConstants } from 'node:fs';
-import { access, open } from 'node:fs/promises';
-import { delimiter, join } from 'node:path';
+import { open } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 
 /** Debian package that provides each tool the builder needs. */
@@ -23,20 +22,8 @@ export const TOOL_PACKAGES = {
 
 export type ToolName = keyof typeof TOOL_PACKAGES;
 
-const EXTRA_DIRS = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
-
 export async function findTool(name: string): Promise<string | undefined> {
-  const dirs = [...(process.env.PATH ?? '').split(delimiter).filter(Boolean), ...EXTRA_DIRS];
-  for (const dir of new Set(dirs)) {
-    const p = join(dir, name);
-    try {
-      await access(p, fsConstants.X_OK);
-      return p;
-    } catch {
-      /* next */
-    }
-  }
-  return undefined;
+  return which(name);
 }
 
 export function missingDependency(tools: string[], packages: string[], why?: string): HfError {
