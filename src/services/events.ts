@@ -18,8 +18,9 @@ export class EventBus {
 
   constructor(private readonly host: string, private readonly keep = 500) {}
 
+  /** Publishes a snapshot of `data`: publishers keep mutating their objects (an operation's progress), and a replayed event must show what was true when it happened. */
   publish(type: string, data: Record<string, unknown>): HfEvent {
-    const ev: HfEvent = { seq: ++this.seq, at: new Date().toISOString(), type, host: this.host, data };
+    const ev: HfEvent = { seq: ++this.seq, at: new Date().toISOString(), type, host: this.host, data: structuredClone(data) };
     this.recent.push(ev);
     if (this.recent.length > this.keep) this.recent.splice(0, this.recent.length - this.keep);
     for (const l of this.listeners) {

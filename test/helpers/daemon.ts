@@ -1,5 +1,6 @@
 // Runs a real daemon as a child process (so tests can SIGKILL it) on a fresh data directory.
 import { spawn, type ChildProcess } from 'node:child_process';
+import http from 'node:http';
 import { after, before } from 'node:test';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -150,4 +151,41 @@ export function useTestDaemon(env: NodeJS.ProcessEnv = {}): { dataDir: string; d
     if (ctx.dataDir) await destroyDataDir(ctx.dataDir, ctx.d);
   });
   return ctx;
+}
+
+/**
+ * Every progress percent an operation reported, read back from the event stream's replay buffer
+ * (`?since=0`) until its final event. Polling the operation cannot see this on a fast run: a
+ * build from cache may finish between two polls.
+ */
+export function operationProgress(d: TestDaemon, id: string, timeoutMs = 10_000): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const percents: number[] = [];
+    const req = http.get({ socketPath: join(d.dataDir, 'hyperfold.sock'), path: '/api/v1/events?since=0&types=operation' }, (res) => {
+      let buf = '';
+      res.setEncoding('utf8');
+      res.on('data', (c: string) => {
+        buf += c;
+        const lines = buf.split('\n');
+        buf = lines.pop()!;
+        for (const line of lines) {
+          if (!line.startsWith('data: ')) continue;
+          const ev = JSON.parse(line.slice(6)) as { data: { operation?: Operation } };
+          const o = ev.data.operation;
+          if (o?.id !== id) continue;
+          percents.push(o.progress.percent);
+          if (o.status !== 'running') {
+            clearTimeout(timer);
+            req.destroy();
+            resolve(percents);
+          }
+        }
+      });
+    });
+    req.on('error', () => undefined);
+    const timer = setTimeout(() => {
+      req.destroy();
+      reject(new Error(`no final event for operation ${id} within ${timeoutMs} ms (saw ${percents.join(',')})`));
+    }, timeoutMs);
+  });
 }
