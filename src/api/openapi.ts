@@ -2,7 +2,7 @@
 import { zodToJsonSchema } from 'zod-to-json-schema';
 import type { ZodTypeAny } from 'zod';
 import { ERROR_CODES } from '../core/errors.js';
-import type { RouteTable } from './routes.js';
+import { startsOperations, type RouteTable } from './routes.js';
 
 function schema(z: ZodTypeAny): Record<string, unknown> {
   const s = zodToJsonSchema(z, { target: 'openApi3', $refStrategy: 'none' }) as Record<string, unknown>;
@@ -29,6 +29,7 @@ export function buildOpenApi(table: RouteTable, version: string): Record<string,
       const q = schema(r.query) as { properties?: Record<string, unknown>; required?: string[] };
       for (const [name, s] of Object.entries(q.properties ?? {})) parameters.push({ name, in: 'query', required: q.required?.includes(name) ?? false, schema: s });
     }
+    if (startsOperations(r)) parameters.push({ name: 'wait', in: 'query', required: false, description: 'answer once the operation finished (200), waiting up to this many seconds; still running then: 202', schema: { type: 'number', minimum: 0, maximum: 3600 } });
     if (parameters.length) op.parameters = parameters;
     if (r.body) op.requestBody = { required: true, content: { 'application/json': { schema: schema(r.body) } } };
     (paths[path] ??= {})[r.method.toLowerCase()] = op;

@@ -2,7 +2,8 @@
 // the Fastify handler and feeds the OpenAPI document. Handlers only translate HTTP to service
 // calls; validation errors and service errors become responses in one error handler.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import type { ZodTypeAny } from 'zod';
+import { z, type ZodTypeAny } from 'zod';
+import type { Operation } from '../core/model/operation.js';
 import { parseInput } from '../core/validate.js';
 
 export type Method = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -22,6 +23,20 @@ export interface RouteSpec<B = unknown, Q = unknown, P = unknown> {
   handler: (req: { body: B; query: Q; params: P; raw: FastifyRequest }, reply: FastifyReply) => Promise<unknown>;
 }
 
+/**
+ * `?wait=SECONDS`, accepted by every route that starts an operation (it answers 202): the answer
+ * then comes once the operation finished (200, the finished operation) or, still running after
+ * that long, as usual (202). One round trip instead of a POST and a GET.
+ */
+export const waitQuery = z.object({ wait: z.coerce.number().min(0).max(3600).optional() }).passthrough();
+
+export interface OperationWaiter {
+  wait(id: string, timeoutMs: number): Promise<Operation>;
+}
+
+/** Whether a route starts operations (documented as answering 202). */
+export const startsOperations = (r: RouteSpec): boolean => 202 in r.responses;
+
 export class RouteTable {
   readonly routes: RouteSpec[] = [];
 
@@ -29,9 +44,10 @@ export class RouteTable {
     this.routes.push(spec as unknown as RouteSpec);
   }
 
-  register(app: FastifyInstance): void {
+  register(app: FastifyInstance, operations: OperationWaiter): void {
     for (const r of this.routes) {
       if (r.docOnly) continue;
+      const waits = startsOperations(r);
       app.route({
         method: r.method,
         url: r.url,
@@ -39,11 +55,21 @@ export class RouteTable {
           const body = r.body ? parseInput(r.body, req.body ?? {}, 'body') : req.body;
           const query = r.query ? parseInput(r.query, req.query ?? {}, 'query') : req.query;
           const params = r.params ? parseInput(r.params, req.params ?? {}, 'path') : req.params;
+          const wait = waits ? (parseInput(waitQuery, req.query ?? {}, 'query') as { wait?: number }).wait : undefined;
           const out = await r.handler({ body, query, params, raw: req }, reply);
           if (reply.sent) return reply;
+          if (wait && reply.statusCode === 202 && isOperationAnswer(out)) {
+            const done = await operations.wait(out.operation.id, wait * 1000);
+            if (done.status !== 'running') void reply.status(200);
+            return { ...out, operation: done };
+          }
           return out;
         },
       });
     }
   }
+}
+
+function isOperationAnswer(out: unknown): out is { operation: Operation } {
+  return typeof out === 'object' && out !== null && typeof (out as { operation?: { id?: unknown } }).operation?.id === 'string';
 }

@@ -101,7 +101,7 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     void reply.status(404).send({ error: { code: 'HF_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}` } });
   });
 
-  buildRouteTable(svc, opts.version).register(app);
+  buildRouteTable(svc, opts.version).register(app, svc.operations);
   registerStreamRoutes(app, svc);
   return app;
 }

@@ -27,6 +27,7 @@ export function createContext(program: Command): CliContext {
       console.log(`operation ${op.id} (${op.type}) started`);
       return op;
     }
+    if (op.status === 'success') return op;
     const view = new ProgressView();
     const spin = setInterval(() => view.update(op), 120);
     try {

@@ -79,6 +79,26 @@ describe('VM lifecycle with real QEMU (TCG)', () => {
     assert.equal((await getInstance(t.d.api, 'web1')).state, 'running');
   });
 
+  it('answers an action finished in one round trip with ?wait, and refuses a bad ?wait before acting', async () => {
+    const bad = await t.d.api.raw('POST', '/api/v1/instances/web1/pause?wait=soon', {});
+    assert.equal(bad.status, 400, bad.text);
+    assert.equal((JSON.parse(bad.text) as { error: { code: string } }).error.code, 'HF_ERR_VALIDATION');
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'running', 'nothing was done');
+    const paused = await t.d.api.raw('POST', '/api/v1/instances/web1/pause?wait=30', {});
+    assert.equal(paused.status, 200, paused.text);
+    assert.equal((JSON.parse(paused.text) as { operation: { status: string; type: string } }).operation.status, 'success');
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'paused');
+    const resumed = await t.d.api.raw('POST', '/api/v1/instances/web1/resume', {});
+    assert.equal(resumed.status, 202, 'without ?wait the answer comes at once');
+    const id = (JSON.parse(resumed.text) as { operation: { id: string } }).operation.id;
+    assert.equal((await t.d.api.waitOperation(id)).status, 'success');
+    const cli1 = cli('pause', 'web1');
+    assert.equal(cli1.status, 0, cli1.stderr);
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'paused');
+    assert.equal(cli('resume', 'web1').status, 0);
+    assert.equal((await getInstance(t.d.api, 'web1')).state, 'running');
+  });
+
   it('stops gracefully (ACPI power-down) and records a clean exit', async () => {
     const pid = (await getInstance(t.d.api, 'web1')).runtime!.pid;
     const stopped = await op(t.d.api, 'POST', '/api/v1/instances/web1/stop', { timeout: 60 });

@@ -184,7 +184,8 @@ export function registerInstanceCommands(ctx: CliContext): void {
         const body: Record<string, unknown> = {};
         if (o.force) body.force = true;
         if (o.timeout !== undefined) body.timeout = o.timeout;
-        const { operation } = await ctx.client().request<{ operation: Operation }>('POST', `/api/v1/instances/${name}/${action}`, body);
+        // ?wait=1: a quick action answers finished in this one round trip; a longer one is followed.
+        const { operation } = await ctx.client().request<{ operation: Operation }>('POST', `/api/v1/instances/${name}/${action}${o.wait === false ? '' : '?wait=1'}`, body);
         await ctx.follow(operation, { wait: o.wait });
       }
     });

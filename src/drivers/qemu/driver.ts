@@ -136,8 +136,9 @@ export class QemuDriver implements InstanceDriver {
     // Make sure the guest runs (QEMU starts it at once unless -S; `cont` is harmless otherwise).
     const st = await handle.observe();
     if (st !== 'running') await proc.qmp.run('cont');
-    // Balloon statistics for `info` (live.ts); a VM without a balloon just has none.
-    await enableGuestStats(proc.qmp);
+    // Balloon statistics for `info` (live.ts); a VM without a balloon just has none. Off the
+    // start path: it is two or three QMP round trips nobody waits for (commands queue in order).
+    enableGuestStats(proc.qmp).catch((e: Error) => this.opts.log.debug('guest statistics not enabled', { name: instance.name, error: e.message }));
     ctx.progress?.(100, 'running');
     this.opts.log.debug('qemu spawned', { name: instance.name, pid: proc.pid, argv: argv.join(' ') });
     return handle;
