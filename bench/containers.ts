@@ -2,22 +2,35 @@
 //  1. create+start of a busybox container through the API until its init runs (the start
 //     operation ends when `runc run --detach` has exec'd init), versus `runc run --detach` of a
 //     prepared bundle with the same config.json (and versus the same plus preparing the rootfs
-//     with cp -a + chown -R); podman and lxc are measured the same way when installed.
-//     Fairness: the baseline's bundle (rootfs copied and chowned to the container's id block,
-//     config.json written, console FIFO made) is prepared before its clock starts, as the daemon
-//     prepares its spare root filesystems before a create asks for one, and runc is run exactly as
-//     the daemon runs it (same config.json and arguments, stdin the FIFO, output to a log file,
-//     started from a small shell: `Runc.runDetached`). The earlier baseline (spawnSync of runc
-//     from this Node process, stdio /dev/null) is kept as a row for comparison. The measures are
-//     interleaved (ours, then the baselines, N times) so that all see the same host load, and
-//     each starts with the daemon idle: the refill of the spare pool after a create (a background
-//     copy) is awaited before the next measure, so it neither slows the baselines nor hides in
-//     them. What the pool does not cover is reported too: a daemon without spares
-//     (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create, measured the same way) and
-//     back-to-back creates that outrun the refill.
-//  2. N idle busybox containers (BENCH_CONTAINERS, default 200; the issue asks 500, which takes
-//     proportionally longer): memory per container (cgroup memory usage, and RSS of its
-//     processes) and the daemon's RSS before and after.
+//     with cp -a + chown -R). Fairness: the baseline's bundle (rootfs copied and chowned to the
+//     container's id block, config.json written, console FIFO made) is prepared before its clock
+//     starts, as the daemon prepares its spare root filesystems before a create asks for one, and
+//     runc is run exactly as the daemon runs it (same config.json and arguments, stdin the FIFO,
+//     output to a log file, started from a small shell: `Runc.runDetached`). The earlier baseline
+//     (spawnSync of runc from this Node process, stdio /dev/null) is kept as a row for comparison.
+//     The measures are interleaved (ours, then the baselines, then podman and lxc, N times) so
+//     that all see the same host load, and each starts with the daemon idle: the refill of the
+//     spare pool after a create (a background copy) is awaited before the next measure, so it
+//     neither slows the baselines nor hides in them. What the pool does not cover is reported
+//     too: a daemon without spares (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create,
+//     measured the same way) and back-to-back creates that outrun the refill.
+//     Debian's podman and lxc are measured the same way when installed (bench/peers.ts; a row
+//     says "not installed" otherwise, or the exact error of the attempt that failed): the same
+//     busybox rootfs (the daemon's image), init /sbin/init with its console shell, memory and CPU
+//     limits, no network, commands started from the same kind of small shell; each container is
+//     removed, and its tool's processes gone, outside the clock. The clock covers:
+//     - podman: `podman run -d` until it returns: podman's create+start in one command, which
+//       returns once runc has started the container's init (the state is then `running`; that
+//       and init's process are checked after the clock stops). The image is imported before
+//       (from a tarball of the rootfs; podman's create of a container from it, an overlay
+//       mount, is inside). Rows: as root without a user namespace (podman's default), with one
+//       (`--uidmap`, as ours), and `podman create` + `podman start` as two commands.
+//     - lxc: `lxc-create -t none` of a config naming a rootfs copied (and, unprivileged, chowned
+//       to the id map) before the clock, `lxc-start -d` (returns once the container is RUNNING)
+//       and `lxc-wait -s RUNNING`. Rows: privileged (lxc's default for root) and unprivileged.
+//  2. N idle busybox containers (BENCH_CONTAINERS, default 500 as the issue asks): memory per
+//     container (cgroup memory usage, and RSS of its processes) and the daemon's RSS before and
+//     after.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
@@ -32,9 +45,10 @@ import { Runc } from '../src/drivers/container/runc.js';
 import { buildOciSpec } from '../src/drivers/container/spec.js';
 import { processRssBytes } from '../src/util/proc.js';
 import { startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
+import { peerRows, setupPeers, type Peers } from './peers.js';
 
 const N_START = Number(process.env.BENCH_START_RUNS ?? 10);
-const N_IDLE = Number(process.env.BENCH_CONTAINERS ?? 200);
+const N_IDLE = Number(process.env.BENCH_CONTAINERS ?? 500);
 /** Spares the daemon keeps per image (its default). */
 const SPARES = 2;
 
@@ -100,6 +114,7 @@ export async function run(): Promise<string> {
   const dataDir0 = await mkdtemp(join(tmpdir(), 'hf-bench-ct0-'));
   let d: TestDaemon | undefined;
   let d0: TestDaemon | undefined;
+  let peers: Peers | undefined;
   const rows: string[][] = [];
   try {
     // Idle containers commit little: let CPU and memory admission allow hundreds of them.
@@ -125,6 +140,8 @@ export async function run(): Promise<string> {
     const directSpawnSync: number[] = [];
     const directWithCopy: number[] = [];
     const runc = new Runc('runc', DEFAULT_RUNC_ROOT);
+    // Podman and lxc, where installed: set up (image import, id ranges) and warmed up once.
+    peers = await setupPeers({ imageRootfs, memoryMiB: warm.config.memoryMiB, vcpus: warm.config.vcpus, cgroupV2: hostCgroupLayout().mode === 'v2' });
     for (let i = 0; i < N_START; i++) {
       await poolSettled(dataDir, 'busybox', SPARES);
       ours.push(await launch(d, `s${i}`));
@@ -161,6 +178,7 @@ export async function run(): Promise<string> {
         ({ prepared: direct, spawnSync: directSpawnSync, copy: directWithCopy })[kind].push(t);
         sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', id]);
       }
+      await peers.measure(String(i));
     }
     // Back-to-back creates: after the first SPARES, each waits for the spare being prepared.
     await poolSettled(dataDir, 'busybox', SPARES);
@@ -174,10 +192,10 @@ export async function run(): Promise<string> {
     rows.push(['baseline: cp -a + chown -R of the rootfs, then `runc run --detach`', ms(median(directWithCopy)), ratio(median(directWithCopy))]);
     rows.push(['hyperfold without spares (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create)', ms(median(noSpares)), ratio(median(noSpares))]);
     rows.push([`hyperfold back-to-back, ${N_START} creates in a row (${SPARES} spares, then waits for the refill)`, ms(median(burst)), ratio(median(burst))]);
-    for (const tool of ['podman', 'lxc-create']) {
-      if (sh('sh', ['-c', `command -v ${tool}`]).status !== 0) rows.push([`${tool.replace('-create', '')}`, 'not installed', 'skipped: not measured in this run']);
-    }
-    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directSpawnSync, directWithCopy, burst });
+    rows.push(...peerRows(peers, median, ms, ratio));
+    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directSpawnSync, directWithCopy, burst, peers: peers.variants.map((v) => ({ [v.key]: v.times, error: v.error })) });
+    await peers.cleanup();
+    peers = undefined;
 
     // The daemon without spares has done its part.
     for (const n of ['warm', ...Array.from({ length: N_START }, (_, i) => `s${i}`)]) {
@@ -213,6 +231,7 @@ export async function run(): Promise<string> {
     rows.push([`GET /api/v1/instances with ${instances.length} instances`, ms(listMs), '']);
     rows.push(['host processes per container kept by hyperfold (no shim)', String(0), '']);
   } finally {
+    await peers?.cleanup();
     if (d0) {
       const { instances } = await d0.api.request<{ instances: Instance[] }>('GET', '/api/v1/instances').catch(() => ({ instances: [] as Instance[] }));
       for (const i of instances) await d0.api.request<{ operation: Operation }>('DELETE', `/api/v1/instances/${i.name}?force=true`).then((r) => d0!.api.waitOperation(r.operation.id)).catch(() => undefined);

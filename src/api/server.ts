@@ -5,6 +5,7 @@ import websocket from '@fastify/websocket';
 import { timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { HfError, toHfError } from '../core/errors.js';
+import type { ExecSession } from '../drivers/driver.js';
 import type { Logger } from '../util/log.js';
 import { buildOpenApi } from './openapi.js';
 import { RouteTable } from './routes.js';
@@ -44,6 +45,18 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
     url: '/api/v1/instances/:name/console',
     summary: 'Interactive console (websocket upgrade): binary frames both ways',
     tag: 'instances',
+    responses: { 101: 'switching protocols to a websocket' },
+    docOnly: true,
+    handler: async () => undefined,
+  });
+  table.add({
+    method: 'GET',
+    url: '/api/v1/containers/:name/exec',
+    summary:
+      'Interactive exec in a container (websocket upgrade). First message: JSON { command, env?, cwd?, tty?, cols?, rows? }. ' +
+      'Then: client binary frames are stdin, client text frames are control ({"resize":{"cols","rows"}}, {"eof":true}, {"signal":"SIGINT"}); ' +
+      'server binary frames carry output, their first byte the stream (1 stdout, 2 stderr; a terminal has only 1); the last server text frame is {"exit":CODE}',
+    tag: 'containers',
     responses: { 101: 'switching protocols to a websocket' },
     docOnly: true,
     handler: async () => undefined,
@@ -155,5 +168,62 @@ function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
       socket.send(JSON.stringify({ error: err.toJSON() }));
       socket.close(4000 + Math.min(999, err.status), err.code);
     }
+  });
+
+  app.get('/api/v1/containers/:name/exec', { websocket: true }, (socket, req) => {
+    const { name } = req.params as { name: string };
+    const fail = (e: unknown): void => {
+      const err = toHfError(e);
+      if (socket.readyState === socket.OPEN) socket.send(JSON.stringify({ error: err.toJSON() }));
+      socket.close(4000 + Math.min(999, err.status), err.code);
+    };
+    let session: ExecSession | undefined;
+    let opening = false;
+    const early: Array<{ data: Buffer; isBinary: boolean }> = [];
+    const control = (session: ExecSession, data: Buffer): void => {
+      let msg: { resize?: { cols?: unknown; rows?: unknown }; eof?: unknown; signal?: unknown };
+      try {
+        msg = JSON.parse(data.toString('utf8')) as typeof msg;
+      } catch {
+        return;
+      }
+      const { cols, rows } = msg.resize ?? {};
+      if (Number.isInteger(cols) && Number.isInteger(rows) && (cols as number) > 0 && (rows as number) > 0) session.resize?.(Math.min(cols as number, 1000), Math.min(rows as number, 1000));
+      if (msg.eof === true) session.closeStdin();
+      if (msg.signal === 'SIGINT' || msg.signal === 'SIGTERM' || msg.signal === 'SIGKILL' || msg.signal === 'SIGHUP') session.kill(msg.signal);
+    };
+    const deliver = (s: ExecSession, data: Buffer, isBinary: boolean): void => (isBinary ? s.stdin(data) : control(s, data));
+    socket.on('message', (data: Buffer, isBinary: boolean) => {
+      if (session) return deliver(session, data, isBinary);
+      if (opening) return void early.push({ data, isBinary });
+      opening = true;
+      let request: unknown;
+      try {
+        request = JSON.parse(data.toString('utf8'));
+      } catch {
+        return fail(new HfError('HF_ERR_BAD_JSON', 'the first message must be the exec request as JSON: { "command": ["sh"], "tty": true }'));
+      }
+      if (!svc.containers) return fail(new HfError('HF_ERR_UNSUPPORTED', 'containers are not available on this host'));
+      svc.containers.openExec(name, request).then((s) => {
+        if (socket.readyState !== socket.OPEN) {
+          s.kill('SIGKILL');
+          return;
+        }
+        session = s;
+        const out = (channel: number) => (b: Buffer) => {
+          if (socket.readyState === socket.OPEN) socket.send(Buffer.concat([Buffer.of(channel), b]));
+        };
+        s.onStdout(out(1));
+        s.onStderr(out(2));
+        for (const m of early.splice(0)) deliver(s, m.data, m.isBinary);
+        void s.exit.then((code) => {
+          if (socket.readyState !== socket.OPEN) return;
+          socket.send(JSON.stringify({ exit: code }));
+          socket.close(1000, 'exited');
+        });
+      }, fail);
+    });
+    // The client went away: the command goes with it (like a terminal hanging up).
+    socket.on('close', () => session?.kill('SIGHUP'));
   });
 }

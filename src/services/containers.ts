@@ -6,7 +6,7 @@ import { HfError } from '../core/errors.js';
 import { isActive } from '../core/lifecycle.js';
 import { nameSchema, type Instance } from '../core/model/instance.js';
 import type { Operation } from '../core/model/operation.js';
-import type { InstanceHandle } from '../drivers/driver.js';
+import type { ExecOptions, ExecSession, InstanceHandle } from '../drivers/driver.js';
 import type { SnapshotRecord } from '../storage/model.js';
 import type { UndoStack } from '../util/undo.js';
 import { parseInput } from '../core/validate.js';
@@ -42,6 +42,18 @@ export const execRequestSchema = z
     stdin: z.string().max(8 * 1024 * 1024).optional(),
     /** Seconds before the command is killed. */
     timeout: z.number().int().min(1).max(3600).default(300),
+  })
+  .strict();
+
+/** An interactive session (websocket): no stdin text or timeout; a terminal when `tty` is set. */
+export const execSessionSchema = z
+  .object({
+    command: z.array(z.string()).min(1, { message: 'give the command to run, e.g. ["sh"]' }),
+    env: z.record(z.string(), z.string()).optional(),
+    cwd: z.string().startsWith('/').optional(),
+    tty: z.boolean().default(false),
+    cols: z.number().int().min(1).max(1000).default(80),
+    rows: z.number().int().min(1).max(1000).default(24),
   })
   .strict();
 
@@ -85,13 +97,7 @@ export class ContainerService {
   /** Runs a command in a running container and returns its exit code and output. */
   async exec(name: string, body: unknown): Promise<ExecResult> {
     const req = parseInput(execRequestSchema, body);
-    const inst = await this.container(name);
-    const handle = this.d.instances.handle(name);
-    if (!handle || !isActive(inst.state) || !handle.exec) {
-      throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `container "${name}" is ${inst.state}: start it before running commands in it`);
-    }
-    if (inst.state === 'paused') throw new HfError('HF_ERR_INVALID_STATE', `container "${name}" is paused: resume it first`);
-    const session = await handle.exec(req.command, { tty: false, env: req.env, cwd: req.cwd });
+    const session = await this.startExec(name, req.command, { tty: false, env: req.env, cwd: req.cwd });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let size = 0;
@@ -115,6 +121,22 @@ export class ContainerService {
     }, req.timeout * 1000);
     const exitCode = await session.exit.finally(() => clearTimeout(timer));
     return { exitCode, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), timedOut, truncated };
+  }
+
+  /** Starts an interactive session (the websocket route streams it); the caller ends it. */
+  async openExec(name: string, body: unknown): Promise<ExecSession> {
+    const req = parseInput(execSessionSchema, body);
+    return this.startExec(name, req.command, { tty: req.tty, env: req.env, cwd: req.cwd, cols: req.cols, rows: req.rows });
+  }
+
+  private async startExec(name: string, command: string[], opts: ExecOptions): Promise<ExecSession> {
+    const inst = await this.container(name);
+    const handle = this.d.instances.handle(name);
+    if (!handle || !isActive(inst.state) || !handle.exec) {
+      throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `container "${name}" is ${inst.state}: start it before running commands in it`);
+    }
+    if (inst.state === 'paused') throw new HfError('HF_ERR_INVALID_STATE', `container "${name}" is paused: resume it first`);
+    return handle.exec(command, opts);
   }
 
   /** The record plus what only a running container knows (cgroup usage, id map). */

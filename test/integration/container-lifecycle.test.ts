@@ -162,6 +162,85 @@ describe('system containers on runc', () => {
     assert.equal(cliIn('piped input\n', 'exec', 'c1', '--', 'cat').stdout, 'piped input\n');
   });
 
+  it('runs an interactive session in a terminal of its own: keys in, output out, resize, status back', async () => {
+    const ws = d.api.websocket('/api/v1/containers/c1/exec');
+    let out = '';
+    let exit: number | undefined;
+    const sent = new Set<string>();
+    const when = (marker: string, send: () => void) => {
+      if (out.includes(marker) && !sent.has(marker)) {
+        sent.add(marker);
+        send();
+      }
+    };
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`session did not end; got: ${out.slice(-800)}`)), 20_000);
+      ws.on('open', () => ws.send(JSON.stringify({ command: ['sh'], tty: true, cols: 100, rows: 40 })));
+      ws.on('message', (b: Buffer, isBinary: boolean) => {
+        if (!isBinary) {
+          const msg = JSON.parse(b.toString()) as { exit?: number; error?: unknown };
+          if (msg.error) reject(new Error(`exec refused: ${b.toString()}`));
+          exit = msg.exit;
+          return;
+        }
+        assert.equal(b[0], 1, 'a terminal has one stream');
+        out += b.subarray(1).toString();
+        // Markers are computed by the shell, so the terminal's echo of the typed line never matches.
+        when('# ', () => ws.send(Buffer.from('echo hf-$((6*7)); tty; stty size; echo mark-$((1+1))\n')));
+        when('mark-2\r\n', () => {
+          ws.send(JSON.stringify({ resize: { cols: 132, rows: 50 } }));
+          setTimeout(() => ws.send(Buffer.from('stty size; echo mark-$((2+1))\n')), 300);
+        });
+        when('mark-3\r\n', () => ws.send(Buffer.from('exit 7\n')));
+      });
+      ws.on('close', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      ws.on('error', reject);
+    });
+    assert.match(out, /hf-42\r\n\/dev\/pts\/\d+\r\n40 100\r\n/, 'a pty of the asked size');
+    assert.match(out, /50 132\r\n/, 'the resize reached the terminal');
+    assert.equal(exit, 7);
+    assert.deepEqual(readdirSync(join(dataDir, 'instances', 'c1')).filter((f) => f.startsWith('exec-')), [], 'no session files left');
+
+    // Without a terminal: stdout and stderr apart, stdin ended by an eof message.
+    const plain = d.api.websocket('/api/v1/containers/c1/exec');
+    const streams: Record<number, string> = { 1: '', 2: '' };
+    let plainExit: number | undefined;
+    await new Promise<void>((resolve, reject) => {
+      plain.on('open', () => {
+        plain.send(JSON.stringify({ command: ['sh', '-c', 'cat; echo oops >&2; exit 2'] }));
+        plain.send(Buffer.from('typed text\n'));
+        plain.send(JSON.stringify({ eof: true }));
+      });
+      plain.on('message', (b: Buffer, isBinary: boolean) => {
+        if (isBinary) streams[b[0]!] += b.subarray(1).toString();
+        else plainExit = (JSON.parse(b.toString()) as { exit: number }).exit;
+      });
+      plain.on('close', () => resolve());
+      plain.on('error', reject);
+    });
+    assert.deepEqual(streams, { 1: 'typed text\n', 2: 'oops\n' });
+    assert.equal(plainExit, 2);
+
+    // The CLI from a terminal (script gives it one) gets a terminal in the container.
+    const viaCli = spawnSync('script', ['-qfec', `${process.execPath} ${CLI} --data-dir ${dataDir} exec c1 -- sh -c 'tty; exit 5'`, '/dev/null'], {
+      encoding: 'utf8',
+      timeout: 30_000,
+      input: '',
+    });
+    assert.match(viaCli.stdout, /\/dev\/pts\/\d+/, viaCli.stdout + viaCli.stderr);
+    assert.equal(viaCli.status, 5);
+    // A bad first message is refused with a stable code.
+    const bad = d.api.websocket('/api/v1/containers/c1/exec');
+    const refused = await new Promise<string>((resolve) => {
+      bad.on('open', () => bad.send('not json'));
+      bad.on('message', (b: Buffer) => resolve((JSON.parse(b.toString()) as { error: { code: string } }).error.code));
+    });
+    assert.equal(refused, 'HF_ERR_BAD_JSON');
+  });
+
   it('answers on the console (websocket)', async () => {
     const ws = d.api.websocket('/api/v1/instances/c1/console');
     let got = '';

@@ -24,16 +24,68 @@ async function readStdin(): Promise<string | undefined> {
   return chunks.length ? Buffer.concat(chunks).toString('utf8') : undefined;
 }
 
+/**
+ * Runs a command in a terminal of its own, over the exec websocket: this terminal goes raw, its
+ * keys go in, the output comes out, size changes follow, and the command's status is returned.
+ */
+function terminalSession(ctx: CliContext, name: string, body: Record<string, unknown>): Promise<number> {
+  const stdin = process.stdin;
+  const stdout = process.stdout;
+  const size = () => ({ cols: stdout.columns || 80, rows: stdout.rows || 24 });
+  const ws = ctx.client().websocket(`/api/v1/containers/${encodeURIComponent(name)}/exec`);
+  return new Promise<number>((resolve, reject) => {
+    let exitCode: number | undefined;
+    const onResize = () => ws.send(JSON.stringify({ resize: size() }));
+    const restore = () => {
+      stdout.off('resize', onResize);
+      if (stdin.isTTY) stdin.setRawMode(false);
+      stdin.pause();
+    };
+    ws.on('open', () => {
+      ws.send(JSON.stringify({ ...body, tty: true, ...size() }));
+      if (stdin.isTTY) stdin.setRawMode(true);
+      stdin.on('data', (d: Buffer) => ws.send(d));
+      stdin.on('end', () => ws.send(JSON.stringify({ eof: true })));
+      stdin.resume();
+      stdout.on('resize', onResize);
+    });
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      if (isBinary) {
+        (data[0] === 2 ? process.stderr : stdout).write(data.subarray(1));
+        return;
+      }
+      const msg = JSON.parse(data.toString()) as { exit?: number; error?: { code: string; message: string } };
+      if (msg.error) {
+        restore();
+        reject(new ApiError(0, msg.error.code, msg.error.message));
+      } else if (typeof msg.exit === 'number') exitCode = msg.exit;
+    });
+    ws.on('close', () => {
+      restore();
+      resolve(exitCode ?? 255);
+    });
+    ws.on('error', (e) => {
+      restore();
+      reject(e);
+    });
+  });
+}
+
 export function registerContainerCommands(ctx: CliContext): void {
   const enc = encodeURIComponent;
 
   ctx.program
     .command('exec <name> <command...>')
-    .description('run a command in a running container, e.g. `hyperfold exec c1 -- ps`; piped input goes to its stdin; exits with its status')
+    .description(
+      'run a command in a running container, e.g. `hyperfold exec c1 -- ps`; exits with its status. From a terminal it runs in a terminal of its own ' +
+      '(interactive: `hyperfold exec c1 -- sh`); piped input goes to its stdin',
+    )
     .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', (v: string, acc: string[]) => [...acc, v], [])
     .option('--cwd <dir>', 'working directory inside the container')
-    .option('--timeout <seconds>', 'kill the command after this long (default 300)', (v) => Number(v))
-    .action(async (name: string, command: string[], o: { env: string[]; cwd?: string; timeout?: number }) => {
+    .option('--timeout <seconds>', 'kill the command after this long (default 300; not for terminal sessions)', (v) => Number(v))
+    .option('-t, --force-interactive', 'give the command a terminal even when this one is not a terminal')
+    .option('-T, --force-noninteractive', 'no terminal: run, then print its output and exit with its status')
+    .action(async (name: string, command: string[], o: { env: string[]; cwd?: string; timeout?: number; forceInteractive?: boolean; forceNoninteractive?: boolean }) => {
       const body: Record<string, unknown> = { command };
       if (o.env.length) {
         const env: Record<string, string> = {};
@@ -45,6 +97,11 @@ export function registerContainerCommands(ctx: CliContext): void {
         body.env = env;
       }
       if (o.cwd) body.cwd = o.cwd;
+      const terminal = o.forceInteractive || (!o.forceNoninteractive && process.stdin.isTTY === true && process.stdout.isTTY === true);
+      if (terminal) {
+        process.exitCode = await terminalSession(ctx, name, body);
+        return;
+      }
       if (o.timeout !== undefined) body.timeout = o.timeout;
       const input = await readStdin();
       if (input !== undefined) body.stdin = input;

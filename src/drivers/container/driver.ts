@@ -13,6 +13,7 @@ import { HfError } from '../../core/errors.js';
 import type { ImageRecord } from '../../core/model/image.js';
 import type { Instance, InstanceConfig, RuntimeInfo } from '../../core/model/instance.js';
 import { extractRootfsArchive } from '../../images/container/tar.js';
+import { run } from '../../util/exec.js';
 import type { Logger } from '../../util/log.js';
 import { KeyedMutex } from '../../util/mutex.js';
 import { isProcessAlive, readProcStat, waitForProcessExit } from '../../util/proc.js';
@@ -609,11 +610,12 @@ class ContainerHandle implements InstanceHandle {
 
   async exec(argv: string[], opts: ExecOptions): Promise<ExecSession> {
     if (!this.alive()) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', 'the container is not running');
-    if (opts.tty) throw new HfError('HF_ERR_UNSUPPORTED', 'exec with a terminal is not available for containers: run the command without a tty');
     if (argv.length === 0) throw new HfError('HF_ERR_VALIDATION', 'give a command to run');
     const caps = [...CONTAINER_CAPS];
+    const size = { cols: opts.cols ?? 80, rows: opts.rows ?? 24 };
     const proc = {
-      terminal: false,
+      terminal: opts.tty,
+      ...(opts.tty ? { consoleSize: { width: size.cols, height: size.rows } } : {}),
       user: { uid: 0, gid: 0 },
       args: argv,
       env: mergeEnv([DEFAULT_PATH, 'TERM=xterm', 'container=hyperfold', ...this.meta.env], Object.entries(opts.env ?? {}).map(([k, v]) => `${k}=${v}`)),
@@ -621,23 +623,52 @@ class ContainerHandle implements InstanceHandle {
       capabilities: { bounding: caps, effective: caps, permitted: caps },
       noNewPrivileges: false,
     };
-    const file = join(this.paths.dir, `exec-${randomUUID()}.json`);
+    const base = join(this.paths.dir, `exec-${randomUUID()}`);
+    const file = `${base}.json`;
+    const pidFile = `${base}.pid`;
     await writeFile(file, JSON.stringify(proc), { mode: 0o600 });
-    const child = await this.driver.runc.spawnExec(this.id, file, 'pipe');
+    const child = opts.tty ? await this.driver.runc.spawnExecTty(this.id, file, pidFile, size) : await this.driver.runc.spawnExec(this.id, file, 'pipe');
     const exit = new Promise<number>((resolve) => {
       child.once('error', () => resolve(127));
       child.once('close', (code, signal) => {
         void rm(file, { force: true });
+        void rm(pidFile, { force: true });
         resolve(code ?? (signal ? 128 + (signalNumber(signal) ?? 9) : 1));
       });
     });
+    // In a terminal session runc (under `script`) is not our child: find it by the pid its shell wrote.
+    const runcPid = (): number | undefined => {
+      const pid = Number(readFileOr(pidFile));
+      return pid > 0 && isProcessAlive(pid) ? pid : undefined;
+    };
     return {
       stdin: (d) => child.stdin?.write(d),
       closeStdin: () => child.stdin?.end(),
       onStdout: (cb) => child.stdout?.on('data', cb),
       onStderr: (cb) => child.stderr?.on('data', cb),
       exit,
-      kill: (sig = 'SIGKILL') => child.kill(sig),
+      kill: (sig = 'SIGKILL') => {
+        const pid = opts.tty ? runcPid() : undefined;
+        // runc forwards the signal to the process in the container; `script` then ends by itself.
+        try {
+          if (pid) process.kill(pid, sig);
+          else child.kill(sig);
+        } catch {
+          // already gone
+        }
+      },
+      ...(opts.tty
+        ? {
+            resize: (cols: number, rows: number) => {
+              const pid = runcPid();
+              if (!pid) return;
+              // runc follows its own terminal's size on SIGWINCH: set that terminal's size first.
+              void run('stty', ['-F', `/proc/${pid}/fd/0`, 'rows', String(rows), 'cols', String(cols)], { allowFailure: true, timeoutMs: 5000 }).then((r) => {
+                if (r.code === 0 && isProcessAlive(pid)) process.kill(pid, 'SIGWINCH');
+              });
+            },
+          }
+        : {}),
     };
   }
 }
@@ -650,4 +681,12 @@ async function claimRootfs(rootfs: string, hostId: number): Promise<void> {
 
 function signalNumber(sig: NodeJS.Signals): number | undefined {
   return (osConstants.signals as Record<string, number>)[sig];
+}
+
+function readFileOr(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch {
+    return '';
+  }
 }

@@ -123,6 +123,21 @@ export class Runc {
     const bin = await this.path();
     return spawn(bin, ['--root', this.root, 'exec', '--process', processFile, id], { stdio });
   }
+
+  /**
+   * `runc exec` of a process with `terminal: true`. runc then wants a terminal of its own (it puts
+   * it in raw mode and copies between it and the container's pty, and follows its size on
+   * SIGWINCH), so it runs under `script` (util-linux), which gives it one and copies it to our
+   * pipes. The shell between them sets that terminal's size and raw mode, writes runc's pid to
+   * `pidFile` (for resizes) and execs runc. Output comes on stdout only (a terminal has one stream).
+   */
+  async spawnExecTty(id: string, processFile: string, pidFile: string, size: { cols: number; rows: number }): Promise<ChildProcess> {
+    const bin = await this.path();
+    const script = await which('script');
+    if (!script) throw new HfError('HF_ERR_MISSING_DEPENDENCY', 'script (util-linux) is not installed: run `apt-get install -y bsdutils` for exec with a terminal');
+    const inner = `stty rows ${size.rows} cols ${size.cols} raw -echo && echo $$ >${shq(pidFile)} && exec ${[bin, '--root', this.root, 'exec', '--process', processFile, id].map(shq).join(' ')}`;
+    return spawn(script, ['--quiet', '--flush', '--return', '--command', inner, '/dev/null'], { stdio: 'pipe', env: { ...process.env, SHELL: '/bin/sh' } });
+  }
 }
 
 /** runc logs logrus lines, as JSON ({"level","msg"}) or text (level=error msg="…"): keep the error messages. */
@@ -181,4 +196,9 @@ async function spawnDirect(argv: string[], stdio: ContainerStdio, timeoutMs: num
     closeSync(inFd);
     closeSync(outFd);
   }
+}
+
+/** Quotes one word for sh. */
+function shq(word: string): string {
+  return `'${word.replace(/'/g, `'\\''`)}'`;
 }
