@@ -1,5 +1,5 @@
 // Running helper programs (qemu-img, ip, apt-get…) with captured output and a clear error.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { HfError, type ErrorCode } from '../core/errors.js';
 
 export interface ExecResult {
@@ -8,33 +8,72 @@ export interface ExecResult {
   code: number;
 }
 
-export async function run(
-  cmd: string,
-  args: string[],
-  opts: { timeoutMs?: number; errorCode?: ErrorCode; input?: string; env?: NodeJS.ProcessEnv; allowFailure?: boolean } = {},
-): Promise<ExecResult> {
+export interface RunOptions {
+  timeoutMs?: number;
+  /** The code of the error thrown on failure (default HF_ERR_INTERNAL). */
+  errorCode?: ErrorCode;
+  input?: string | Buffer;
+  /** Added to (or overriding) this process's environment. */
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+  /** Resolve with the result instead of throwing when the exit code is non-zero. */
+  allowFailure?: boolean;
+  /**
+   * Aborting kills the command with everything it started (it runs in a process group of its own:
+   * `dpkg -x` runs `dpkg-deb | tar`), and run() rejects with the abort reason.
+   */
+  signal?: AbortSignal;
+}
+
+/** Runs a command to completion with its output captured; a failure is an HfError naming the command and its stderr. */
+export async function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const { signal } = opts;
+    if (signal?.aborted) return reject(signal.reason);
+    const child = spawn(cmd, args, {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: opts.env ? { ...process.env, ...opts.env } : process.env,
+      cwd: opts.cwd,
+      detached: signal !== undefined,
+    });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (d: Buffer) => out.push(d));
+    child.stderr.on('data', (d: Buffer) => err.push(d));
     const timer = opts.timeoutMs ? setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs) : undefined;
-    child.on('error', (e: NodeJS.ErrnoException) => {
+    const onAbort = () => killGroup(child);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const settle = () => {
       if (timer) clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    };
+    child.on('error', (e: NodeJS.ErrnoException) => {
+      settle();
       if (e.code === 'ENOENT') reject(new HfError('HF_ERR_MISSING_DEPENDENCY', `${cmd} is not installed (not found on PATH)`, { cause: e }));
       else reject(new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd}: ${e.message}`, { cause: e }));
     });
-    child.on('close', (code, signal) => {
-      if (timer) clearTimeout(timer);
-      const res = { stdout, stderr, code: code ?? -1 };
+    child.on('close', (code, sig) => {
+      settle();
+      if (signal?.aborted) return reject(signal.reason);
+      const res = { stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), code: code ?? -1 };
       if (code === 0 || opts.allowFailure) return resolve(res);
-      const why = signal ? `killed by ${signal}` : `exit ${code}`;
-      reject(new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd} ${args.join(' ')} failed (${why}): ${stderr.trim() || stdout.trim()}`, { details: { code, stderr: stderr.slice(-2000) } }));
+      const why = sig ? `killed by ${sig}` : `exit ${code}`;
+      reject(new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd} ${args.join(' ')} failed (${why}): ${res.stderr.trim() || res.stdout.trim()}`, { details: { command: [cmd, ...args], code, stderr: res.stderr.slice(-2000) } }));
     });
-    if (opts.input !== undefined) child.stdin.end(opts.input);
-    else child.stdin.end();
+    // A command that does not read its input may have exited already: that is no failure of ours.
+    child.stdin.on('error', () => undefined);
+    child.stdin.end(opts.input);
   });
+}
+
+/** SIGKILLs a child spawned with `detached: true` together with everything in its process group. */
+export function killGroup(child: ChildProcess): void {
+  if (child.pid === undefined) return;
+  try {
+    process.kill(-child.pid, 'SIGKILL');
+  } catch {
+    child.kill('SIGKILL');
+  }
 }
 
 /** Where programs are looked for after PATH: root's sbin directories are often missing from it. */

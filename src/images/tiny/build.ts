@@ -16,7 +16,8 @@ import { createGzip } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
 import { TINY_CMDLINE, TINY_DISK_MARKER, guestFiles } from './guest.js';
 import { modulesDep, selectModules, type WantedModule } from './modules.js';
-import { isStaticElf, killTree, missingDependency, requireTools, run } from './tools.js';
+import { killGroup, run as runCommand, type RunOptions } from '../../util/exec.js';
+import { isStaticElf, missingDependency, requireTools } from './tools.js';
 
 export { TINY_CMDLINE, TINY_DISK_MARKER, TINY_READY_MARKER } from './guest.js';
 
@@ -73,6 +74,9 @@ const WANTED_MODULES: WantedModule[] = [
 ];
 
 const APT_ENV = { DEBIAN_FRONTEND: 'noninteractive' };
+
+/** The tools' output is parsed: in the C locale. */
+const run = (cmd: string, args: string[], opts: RunOptions = {}) => runCommand(cmd, args, { ...opts, env: { LC_ALL: 'C', ...opts.env } });
 
 export async function buildTinyImage(opts: BuildTinyImageOptions): Promise<TinyImageManifest> {
   const { signal } = opts;
@@ -203,7 +207,7 @@ function isManifest(m: unknown): m is TinyImageManifest {
 
 async function getBusyboxVersion(busybox: string, signal?: AbortSignal): Promise<string> {
   // `busybox` with no arguments prints "BusyBox v1.35.0 (Debian 1:1.35.0-4+deb12u1+b1) multi-call binary."
-  const r = await run(busybox, [], { signal, allowFail: true });
+  const r = await run(busybox, [], { signal, allowFailure: true });
   const m = (r.stdout + r.stderr).match(/BusyBox v(\S+)/);
   return m ? m[1]! : 'unknown';
 }
@@ -221,7 +225,7 @@ async function fetchKernelDeb(
   const update = async () => {
     updated = true;
     progress(5, 'apt-get update');
-    await run(tools['apt-get'], ['update', '-q'], { signal, env: APT_ENV, allowFail: true });
+    await run(tools['apt-get'], ['update', '-q'], { signal, env: APT_ENV, allowFailure: true });
   };
 
   let pkg = await resolveKernelPackage(tools, signal);
@@ -252,11 +256,11 @@ async function fetchKernelDeb(
   const dl = await mkdtemp(join(cacheDir, '.download-'));
   try {
     // (As root in a dir the _apt user cannot read, apt warns that the download is unsandboxed: harmless.)
-    let r = await run(tools['apt-get'], ['download', '-q', pkg], { cwd: dl, signal, env: APT_ENV, allowFail: true });
+    let r = await run(tools['apt-get'], ['download', '-q', pkg], { cwd: dl, signal, env: APT_ENV, allowFailure: true });
     if (r.code !== 0 && !updated) {
       await update();
       progress(10, `downloading ${pkg}`);
-      r = await run(tools['apt-get'], ['download', '-q', pkg], { cwd: dl, signal, env: APT_ENV, allowFail: true });
+      r = await run(tools['apt-get'], ['download', '-q', pkg], { cwd: dl, signal, env: APT_ENV, allowFailure: true });
     }
     const got = (await readdir(dl)).filter((f) => f.endsWith('.deb'));
     if (r.code !== 0 || got.length !== 1) {
@@ -275,7 +279,7 @@ async function fetchKernelDeb(
 }
 
 async function resolveKernelPackage(tools: AptTools, signal?: AbortSignal): Promise<string | undefined> {
-  const r = await run(tools['apt-cache'], ['depends', KERNEL_META_PACKAGE], { signal, allowFail: true });
+  const r = await run(tools['apt-cache'], ['depends', KERNEL_META_PACKAGE], { signal, allowFailure: true });
   if (r.code !== 0) return undefined;
   const m = r.stdout.match(/^\s*\|?Depends:\s*(linux-image-[^\s<>]+)/m);
   return m?.[1];
@@ -350,7 +354,7 @@ async function buildInitramfsTree(
 
   // The kernel opens /dev/console before running /init; creating the node needs root (the
   // builder normally is). Without it /init still works: it reopens stdio after mounting devtmpfs.
-  const mknod = (args: string[]) => run('mknod', args, { signal, allowFail: true }).catch(() => undefined);
+  const mknod = (args: string[]) => run('mknod', args, { signal, allowFailure: true }).catch(() => undefined);
   await mknod(['-m', '600', join(root, 'dev/console'), 'c', '5', '1']);
   await mknod(['-m', '666', join(root, 'dev/null'), 'c', '1', '3']);
 }
@@ -386,7 +390,7 @@ async function writeCpioGz(cpio: string, root: string, dest: string, signal?: Ab
     const code = await exited;
     if (code !== 0) throw new HfError('HF_ERR_INTERNAL', `cpio exited with ${code}: ${stderr.trim()}`);
   } catch (e) {
-    killTree(child);
+    killGroup(child);
     await exited.catch(() => undefined);
     if (signal?.aborted) throw signal.reason;
     throw e;

@@ -8,7 +8,8 @@ import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
-import { findTool, killTree, missingDependency } from './tools.js';
+import { killGroup } from '../../util/exec.js';
+import { findTool, missingDependency } from './tools.js';
 
 /** Module name as the kernel sees it: '-' and '_' are interchangeable. */
 export function modName(fileOrName: string): string {
@@ -96,7 +97,7 @@ async function readModule(abs: string, signal?: AbortSignal): Promise<Buffer> {
     let err = '';
     child.stdout.on('data', (d: Buffer) => chunks.push(d));
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const onAbort = () => killTree(child);
+    const onAbort = () => killGroup(child);
     signal?.addEventListener('abort', onAbort, { once: true });
     child.on('error', reject);
     child.on('close', (code) => {

@@ -3,7 +3,6 @@
 // command, and a small abortable process runner.
 
 import { which } from '../../util/exec.js';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { open } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
 
@@ -66,67 +65,4 @@ export async function isStaticElf(path: string): Promise<boolean> {
   } finally {
     await fh.close();
   }
-}
-
-/** SIGKILLs a child spawned with `detached: true` together with everything in its process group. */
-export function killTree(child: ChildProcess): void {
-  if (child.pid === undefined) return;
-  try {
-    process.kill(-child.pid, 'SIGKILL');
-  } catch {
-    child.kill('SIGKILL');
-  }
-}
-
-export interface RunResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-export interface RunOptions {
-  cwd?: string;
-  signal?: AbortSignal;
-  env?: NodeJS.ProcessEnv;
-  /** Resolve with the result instead of throwing when the exit code is non-zero. */
-  allowFail?: boolean;
-  input?: string | Buffer;
-}
-
-/** Runs a command to completion; on abort the child gets SIGKILL and the abort reason is thrown. */
-export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    if (opts.signal?.aborted) return reject(opts.signal.reason);
-    const child = spawn(cmd, args, {
-      cwd: opts.cwd,
-      env: { ...process.env, LC_ALL: 'C', ...opts.env },
-      stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
-      detached: true, // own process group, so an abort also stops grandchildren (dpkg -x runs dpkg-deb | tar)
-    });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout!.on('data', (d: Buffer) => out.push(d));
-    child.stderr!.on('data', (d: Buffer) => err.push(d));
-    const onAbort = () => killTree(child);
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
-    if (opts.input !== undefined) child.stdin!.end(opts.input);
-    child.on('error', (e) => {
-      opts.signal?.removeEventListener('abort', onAbort);
-      reject(new HfError('HF_ERR_INTERNAL', `failed to run ${cmd}: ${e.message}`, { cause: e }));
-    });
-    child.on('close', (code, sig) => {
-      opts.signal?.removeEventListener('abort', onAbort);
-      if (opts.signal?.aborted) return reject(opts.signal.reason);
-      const res = { code: code ?? (sig ? 128 : 1), stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') };
-      if (res.code !== 0 && !opts.allowFail) {
-        const tail = res.stderr.trim().split('\n').slice(-8).join('\n');
-        return reject(
-          new HfError('HF_ERR_INTERNAL', `${cmd} ${args.join(' ')} exited with ${sig ?? res.code}: ${tail}`, {
-            details: { command: [cmd, ...args], exitCode: res.code, stderr: tail },
-          }),
-        );
-      }
-      resolve(res);
-    });
-  });
 }
