@@ -32,7 +32,7 @@
 //     container (cgroup memory usage, and RSS of its processes) and the daemon's RSS before and
 //     after.
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -43,6 +43,8 @@ import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSuppor
 import { DEFAULT_RUNC_ROOT } from '../src/drivers/container/driver.js';
 import { Runc } from '../src/drivers/container/runc.js';
 import { buildOciSpec } from '../src/drivers/container/spec.js';
+import { NetNames, tagFor } from '../src/network/names.js';
+import { DEFAULT_OWNERS_DIR } from '../src/services/networks.js';
 import { processRssBytes } from '../src/util/proc.js';
 import { startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
 import { peerRows, setupPeers, type Peers } from './peers.js';
@@ -71,6 +73,23 @@ function removeContainersOf(dir: string): void {
   const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
   const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
   for (const c of list) if (c.bundle.startsWith(dir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
+}
+
+/**
+ * What a stopped daemon's network leaves on the host (its default network's bridge, namespaces,
+ * nftables tables, owner file): the next daemon to start would collect it, as its data directory
+ * is gone; removed now instead, so that the benchmark leaves nothing behind. Only names with the
+ * daemon's own tag.
+ */
+function removeNetworkLeftovers(dataDir: string): void {
+  const names = new NetNames(tagFor(dataDir));
+  const links = JSON.parse(spawnSync('ip', ['-j', 'link', 'show'], { encoding: 'utf8' }).stdout || '[]') as Array<{ ifname: string }>;
+  for (const l of links) if (names.ownsLink(l.ifname)) sh('ip', ['link', 'del', l.ifname]);
+  for (const ns of spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0] ?? '')) {
+    if (ns && names.ownsNetns(ns)) sh('ip', ['netns', 'del', ns]);
+  }
+  for (const family of ['inet', 'bridge']) sh('nft', ['delete', 'table', family, names.table]);
+  rmSync(join(DEFAULT_OWNERS_DIR, names.tag), { force: true });
 }
 
 async function launch(d: TestDaemon, name: string): Promise<number> {
@@ -141,7 +160,7 @@ export async function run(): Promise<string> {
     const directWithCopy: number[] = [];
     const runc = new Runc('runc', DEFAULT_RUNC_ROOT);
     // Podman and lxc, where installed: set up (image import, id ranges) and warmed up once.
-    peers = await setupPeers({ imageRootfs, memoryMiB: warm.config.memoryMiB, vcpus: warm.config.vcpus, cgroupV2: hostCgroupLayout().mode === 'v2' });
+    peers = await setupPeers({ imageRootfs, memoryMiB: warm.config.memoryMiB, vcpus: warm.config.vcpus });
     for (let i = 0; i < N_START; i++) {
       await poolSettled(dataDir, 'busybox', SPARES);
       ours.push(await launch(d, `s${i}`));
@@ -193,7 +212,7 @@ export async function run(): Promise<string> {
     rows.push(['hyperfold without spares (HYPERFOLD_CONTAINER_SPARES=0: copy + chown at create)', ms(median(noSpares)), ratio(median(noSpares))]);
     rows.push([`hyperfold back-to-back, ${N_START} creates in a row (${SPARES} spares, then waits for the refill)`, ms(median(burst)), ratio(median(burst))]);
     rows.push(...peerRows(peers, median, ms, ratio));
-    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directSpawnSync, directWithCopy, burst, peers: peers.variants.map((v) => ({ [v.key]: v.times, error: v.error })) });
+    if (process.env.BENCH_DEBUG) console.error({ ours, noSpares, direct, directSpawnSync, directWithCopy, burst, peers: Object.fromEntries(peers.variants.map((v) => [v.key, v.error ?? v.times])) });
     await peers.cleanup();
     peers = undefined;
 
@@ -248,6 +267,8 @@ export async function run(): Promise<string> {
     for (const e of await readdir(DEFAULT_RUNC_ROOT).catch(() => [] as string[])) if (e.startsWith(`hf-bench-${process.pid}-`)) sh('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', e]);
     await rm(dataDir, { recursive: true, force: true });
     await rm(dataDir0, { recursive: true, force: true });
+    removeNetworkLeftovers(dataDir);
+    removeNetworkLeftovers(dataDir0);
     await rm(raw, { recursive: true, force: true });
   }
   return ['| measure | result | ratio / note |', '|---|---|---|', ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');

@@ -7,10 +7,11 @@
 // is prepared before the clock starts, as the daemon prepares its spare root filesystems.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, readdir, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { hostCgroupLayout } from '../src/drivers/container/cgroups.js';
 import { which } from '../src/util/exec.js';
 import { Spawner } from '../src/util/spawner.js';
 
@@ -24,8 +25,6 @@ export interface PeerOptions {
   imageRootfs: string;
   memoryMiB: number;
   vcpus: number;
-  /** The host's cgroup layout is unified (v2): lxc takes `lxc.cgroup2.*` limits, else `lxc.cgroup.*`. */
-  cgroupV2: boolean;
 }
 
 /** A table row: [measure, result, ratio / note]. */
@@ -71,6 +70,13 @@ async function addLine(file: string, line: string): Promise<boolean> {
   if (text.split('\n').includes(line)) return false;
   await writeFile(file, `${text}${text && !text.endsWith('\n') ? '\n' : ''}${line}\n`);
   return true;
+}
+
+/** Removes a cgroup directory and its child cgroups (best effort: one with processes stays). */
+async function rmdirCgroup(dir: string): Promise<void> {
+  const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+  for (const e of entries) if (e.isDirectory()) await rmdirCgroup(join(dir, e.name));
+  await rmdir(dir).catch(() => undefined);
 }
 
 async function removeLine(file: string, line: string): Promise<void> {
@@ -161,6 +167,7 @@ class PodmanRun extends Variant {
   constructor(private readonly peers: Peers, private readonly p: Podman, key: string, label: string, private readonly extra: string[], private readonly split: boolean) {
     super(key, label);
   }
+  /** Nothing per container: the image was imported at setup. */
   async prepare(): Promise<void> {}
   async start(name: string): Promise<void> {
     const args = [...this.extra, '--name', name, this.p.image, '/sbin/init'];
@@ -265,7 +272,7 @@ class LxcStart extends Variant {
       const r = runSync(argv);
       if (r.code !== 0) throw new Error(`${argv[0]}: ${r.out}`);
     }
-    const cg = this.opts.cgroupV2
+    const cg = hostCgroupLayout().mode === 'v2'
       ? [`lxc.cgroup2.memory.max = ${this.opts.memoryMiB * 1048576}`, `lxc.cgroup2.cpu.max = ${Math.round(this.opts.vcpus * 100_000)} 100000`]
       : [`lxc.cgroup.memory.limit_in_bytes = ${this.opts.memoryMiB * 1048576}`, `lxc.cgroup.cpu.cfs_quota_us = ${Math.round(this.opts.vcpus * 100_000)}`, 'lxc.cgroup.cpu.cfs_period_us = 100000'];
     const conf = [
@@ -359,6 +366,14 @@ export async function setupPeers(opts: PeerOptions): Promise<Peers> {
   // An unprivileged container's root must be able to reach its rootfs.
   await chmod(work, 0o711);
   const peers = new Peers(work);
+  // The parent cgroups podman (cgroupfs manager) and lxc leave behind, in every hierarchy: removed
+  // at the end (the last clean-up) if this run made them.
+  const layout = hostCgroupLayout();
+  const roots = [...new Set([...Object.values(layout.v1), ...(layout.unified ? [layout.unified] : [])])];
+  const madeHere = roots.flatMap((r) => ['libpod_parent', 'lxc.pivot'].map((n) => join(r, n))).filter((d) => !existsSync(d));
+  peers.cleanups.push(async () => {
+    for (const d of madeHere) await rmdirCgroup(d);
+  });
   try {
     await setupPodman(peers, opts);
     await setupLxc(peers, opts);
@@ -369,7 +384,6 @@ export async function setupPeers(opts: PeerOptions): Promise<Peers> {
   }
   return peers;
 }
-
 
 /** The table rows: median and ratio to the baseline, or why there is none. */
 export function peerRows(peers: Peers, median: (xs: number[]) => number, ms: (x: number) => string, ratio: (x: number) => string): Row[] {
