@@ -366,11 +366,13 @@ export class InstanceService {
     let handle: InstanceHandle;
     try {
       await driver.check(starting);
+      const before = JSON.stringify(starting.config);
       for (const ext of this.extensions) {
         if (!ext.beforeStart) continue;
         starting = await ext.beforeStart(starting, undo);
       }
-      if (this.extensions.some((e) => e.beforeStart)) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
+      // Record what the extensions filled in (a NIC's tap, a MAC), and only when they did.
+      if (JSON.stringify(starting.config) !== before) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
       mark('checked');
       ctx.progress(10, 'starting hypervisor');
       handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m), onOom: (o) => this.d.events.publish('instance.oom', { name, ...o }) });
