@@ -32,7 +32,7 @@
 //     container (cgroup memory usage, and RSS of its processes) and the daemon's RSS before and
 //     after.
 import { spawnSync } from 'node:child_process';
-import { existsSync, rmSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -43,10 +43,8 @@ import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSuppor
 import { DEFAULT_RUNC_ROOT } from '../src/drivers/container/driver.js';
 import { Runc } from '../src/drivers/container/runc.js';
 import { buildOciSpec } from '../src/drivers/container/spec.js';
-import { NetNames, tagFor } from '../src/network/names.js';
-import { DEFAULT_OWNERS_DIR } from '../src/services/networks.js';
 import { processRssBytes } from '../src/util/proc.js';
-import { startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
+import { removeNetworkLeftovers, startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
 import { peerRows, setupPeers, type Peers } from './peers.js';
 
 const N_START = Number(process.env.BENCH_START_RUNS ?? 10);
@@ -73,23 +71,6 @@ function removeContainersOf(dir: string): void {
   const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
   const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
   for (const c of list) if (c.bundle.startsWith(dir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
-}
-
-/**
- * What a stopped daemon's network leaves on the host (its default network's bridge, namespaces,
- * nftables tables, owner file): the next daemon to start would collect it, as its data directory
- * is gone; removed now instead, so that the benchmark leaves nothing behind. Only names with the
- * daemon's own tag.
- */
-function removeNetworkLeftovers(dataDir: string): void {
-  const names = new NetNames(tagFor(dataDir));
-  const links = JSON.parse(spawnSync('ip', ['-j', 'link', 'show'], { encoding: 'utf8' }).stdout || '[]') as Array<{ ifname: string }>;
-  for (const l of links) if (names.ownsLink(l.ifname)) sh('ip', ['link', 'del', l.ifname]);
-  for (const ns of spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0] ?? '')) {
-    if (ns && names.ownsNetns(ns)) sh('ip', ['netns', 'del', ns]);
-  }
-  for (const family of ['inet', 'bridge']) sh('nft', ['delete', 'table', family, names.table]);
-  rmSync(join(DEFAULT_OWNERS_DIR, names.tag), { force: true });
 }
 
 async function launch(d: TestDaemon, name: string): Promise<number> {

@@ -1,5 +1,6 @@
 // Runs a real daemon as a child process (so tests can SIGKILL it) on a fresh data directory.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { rmSync } from 'node:fs';
 import http from 'node:http';
 import { after, before } from 'node:test';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -7,6 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ApiClient } from '../../src/cli/client.js';
+import { NetNames, tagFor } from '../../src/network/names.js';
+import { DEFAULT_OWNERS_DIR } from '../../src/services/networks.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
 import { installTestImage } from './image.js';
@@ -102,7 +105,26 @@ export async function destroyDataDir(dataDir: string, d?: TestDaemon): Promise<v
   } catch {
     // no instances dir
   }
+  removeNetworkLeftovers(dataDir);
   await rm(dataDir, { recursive: true, force: true });
+}
+
+/**
+ * What a stopped daemon's network leaves on the host (its default network's bridge, namespaces,
+ * nftables tables, owner file; networks outlive the daemon so that guests keep their network):
+ * the next daemon to start would collect it, as its data directory is gone; removed now instead,
+ * so that the tests leave nothing behind. Only names with that data directory's tag.
+ */
+export function removeNetworkLeftovers(dataDir: string): void {
+  const names = new NetNames(tagFor(dataDir));
+  const quiet = (cmd: string, args: string[]) => spawnSync(cmd, args, { stdio: 'ignore' });
+  const links = JSON.parse(spawnSync('ip', ['-j', 'link', 'show'], { encoding: 'utf8' }).stdout || '[]') as Array<{ ifname: string }>;
+  for (const l of links) if (names.ownsLink(l.ifname)) quiet('ip', ['link', 'del', l.ifname]);
+  for (const ns of spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0] ?? '')) {
+    if (ns && names.ownsNetns(ns)) quiet('ip', ['netns', 'del', ns]);
+  }
+  for (const family of ['inet', 'bridge']) quiet('nft', ['delete', 'table', family, names.table]);
+  rmSync(join(DEFAULT_OWNERS_DIR, names.tag), { force: true });
 }
 
 export async function op(api: ApiClient, method: string, path: string, body?: unknown): Promise<Operation> {

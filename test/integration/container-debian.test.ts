@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { Operation } from '../../src/core/model/operation.js';
 import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
 import { TEST_CACHE } from '../helpers/image.js';
-import { CLI, getInstance, op, operationProgress, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, getInstance, op, operationProgress, startTestDaemon, stopTestDaemon, removeNetworkLeftovers, type TestDaemon } from '../helpers/daemon.js';
 
 describe('debian-12 system container (slow)', { timeout: 8 * 60_000 }, () => {
   let dataDir: string;
@@ -26,6 +26,7 @@ describe('debian-12 system container (slow)', { timeout: 8 * 60_000 }, () => {
     const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
     const list = (r.stdout.trim() && r.stdout.trim() !== 'null' ? JSON.parse(r.stdout) : []) as Array<{ id: string; bundle: string }>;
     for (const c of list) if (c.bundle.startsWith(dataDir)) spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'delete', '--force', c.id]);
+    removeNetworkLeftovers(dataDir);
     await rm(dataDir, { recursive: true, force: true });
   });
 

@@ -13,7 +13,7 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
 import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
-import { CLI, getInstance, op, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, getInstance, op, removeNetworkLeftovers, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 function removeContainersOf(dataDir: string): void {
   const r = spawnSync('runc', ['--root', DEFAULT_RUNC_ROOT, 'list', '--format', 'json'], { encoding: 'utf8' });
@@ -42,6 +42,7 @@ describe('container images, snapshots, copies and bad input', () => {
   after(async () => {
     if (d) await stopTestDaemon(d, 'SIGKILL');
     removeContainersOf(dataDir);
+    removeNetworkLeftovers(dataDir);
     await rm(dataDir, { recursive: true, force: true });
     await rm(work, { recursive: true, force: true });
   });

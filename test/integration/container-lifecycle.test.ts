@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { hostCgroupLayout, ContainerCgroup, containerCgroupPath } from '../../src/drivers/container/cgroups.js';
 import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
 import { isProcessAlive, waitForProcessExit } from '../../src/util/proc.js';
-import { CLI, getInstance, op, startTestDaemon, stopTestDaemon, waitForState, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, getInstance, op, startTestDaemon, stopTestDaemon, waitForState, removeNetworkLeftovers, type TestDaemon } from '../helpers/daemon.js';
 
 /** Every runc container whose bundle is under `dataDir` is removed (clean-up even after a failure). */
 function removeContainersOf(dataDir: string): void {
@@ -88,6 +88,7 @@ describe('system containers on runc', () => {
   after(async () => {
     if (d) await stopTestDaemon(d, 'SIGKILL');
     removeContainersOf(dataDir);
+    removeNetworkLeftovers(dataDir);
     await rm(dataDir, { recursive: true, force: true });
   });
 
