@@ -23,8 +23,16 @@ export interface HostInfo {
   instances: { total: number; running: number; committedVcpus: number; committedMemoryMiB: number };
 }
 
+let capacityCache: { at: number; value: HostCapacity } | undefined;
+
+/**
+ * CPUs and memory of this host. Asked at every create and start, and os.cpus() parses /proc for
+ * every CPU (about half a millisecond): kept for 30 s, which still follows a CPU or memory hot-plug.
+ */
 export function hostCapacity(): HostCapacity {
-  return { cpus: cpus().length, memoryMiB: Math.floor(totalmem() / 1024 / 1024) };
+  const now = Date.now();
+  if (!capacityCache || now - capacityCache.at > 30_000) capacityCache = { at: now, value: { cpus: cpus().length, memoryMiB: Math.floor(totalmem() / 1024 / 1024) } };
+  return { ...capacityCache.value };
 }
 
 export function bootId(): string {

@@ -100,7 +100,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
   }
 
   async function createCommand(image: string, name: string, o: InstanceOpts, start: boolean): Promise<void> {
-    const res = await ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', '/api/v1/instances', createBody(image, name, o, start));
+    const res = await ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', `/api/v1/instances${start && o.wait !== false ? '?wait=1' : ''}`, createBody(image, name, o, start));
     if (res.operation) await ctx.follow(res.operation, { wait: o.wait });
     const inst = (await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`)).instance;
     ctx.print(inst, o.format, () => `${start ? 'launched' : 'created'} ${inst.type} ${inst.name} (${inst.state})`);
