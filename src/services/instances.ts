@@ -3,7 +3,8 @@
 // Route handlers only translate HTTP to calls here.
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { mkdir, rm, stat, open, truncate } from 'node:fs/promises';
+import { rm, stat, open, truncate } from 'node:fs/promises';
+import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HfError, toHfError } from '../core/errors.js';
 import { checkAction, decideOnExit, isActive, restartBackoffMs, type Action } from '../core/lifecycle.js';
@@ -109,9 +110,10 @@ export class InstanceService {
     return this.locks.run(req.name, 'create', () =>
       UndoStack.run(async (undo) => {
         const paths = this.paths(req.name);
-        await mkdir(this.d.instancesDir, { recursive: true });
+        // Synchronous: two quick syscalls on the create path, not two trips through the thread pool.
         try {
-          await mkdir(paths.dir, { recursive: false, mode: 0o700 });
+          mkdirSync(this.d.instancesDir, { recursive: true });
+          mkdirSync(paths.dir, { recursive: false, mode: 0o700 });
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
             throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists (directory ${paths.dir} is present)`);
@@ -587,6 +589,14 @@ export class InstanceService {
    * when it grows past the cap we keep the newest half.
    */
   async trimConsoleLog(file: string): Promise<void> {
+    // The usual answer (missing or small) without a trip through the thread pool: this is on the start path.
+    let size: number;
+    try {
+      size = statSync(file).size;
+    } catch {
+      return;
+    }
+    if (size <= this.d.consoleLogMaxBytes) return;
     let fh;
     try {
       fh = await open(file, 'r+');
