@@ -1,7 +1,8 @@
 // The QEMU driver: virtual machines behind the InstanceDriver interface. It joins the pure
 // argv builder, the accelerator verdict, process supervision and QMP; it keeps no state of its
 // own beyond what each handle holds, so a restarted daemon re-attaches from the instance record.
-import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { copyFile, readFile, rm, stat } from 'node:fs/promises';
+import { mkdirSync, rmSync, statSync } from 'node:fs';
 import { isProcessAlive, waitForProcessExit } from '../../util/proc.js';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -75,7 +76,7 @@ export class QemuDriver implements InstanceDriver {
     resolveAccel(instance.config.accel, await this.opts.accelVerdict());
     for (const d of instance.config.disks) {
       try {
-        await stat(d.path);
+        statSync(d.path);
       } catch {
         throw new HfError('HF_ERR_VALIDATION', `disk ${d.name} of ${instance.name}: ${d.path} is missing`);
       }
@@ -100,9 +101,10 @@ export class QemuDriver implements InstanceDriver {
 
   async start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
     const f = files(ctx.paths, this.sockDir(instance));
-    await mkdir(f.sockDir, { recursive: true, mode: 0o700 });
+    // Quick syscalls on the start path: synchronous, not trips through the thread pool.
+    mkdirSync(f.sockDir, { recursive: true, mode: 0o700 });
     const accel = resolveAccel(instance.config.accel, await this.opts.accelVerdict());
-    await Promise.all([rm(f.qmpSocket, { force: true }), rm(f.consoleSocket, { force: true }), rm(f.pidFile, { force: true })]);
+    for (const stale of [f.qmpSocket, f.consoleSocket, f.pidFile]) rmSync(stale, { force: true });
     let uefi: { codePath: string; varsPath: string } | undefined;
     if (instance.config.boot.kind !== 'kernel' && instance.config.boot.firmware === 'uefi') {
       const ovmf = this.opts.ovmf ?? DEFAULT_OVMF;
