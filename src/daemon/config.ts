@@ -62,6 +62,8 @@ export class DataPaths {
   get imagesDir(): string { return join(this.root, 'images'); }
   get instancesDir(): string { return join(this.root, 'instances'); }
   get logFile(): string { return join(this.root, 'hyperfold.log'); }
+  /** Input and output files of the helper commands in flight (util/exec.ts); emptied at start. */
+  get commandsDir(): string { return join(this.root, 'commands'); }
   image(name: string): string { return join(this.imagesDir, name); }
   instance(name: string): string { return join(this.instancesDir, name); }
 }

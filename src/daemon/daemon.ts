@@ -27,7 +27,9 @@ import { SnapshotService } from '../services/snapshots.js';
 import { StorageService } from '../services/storage.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
 import type { StateStore } from '../state/store.js';
+import { useCommandRunner } from '../util/exec.js';
 import { createLogger, type Logger } from '../util/log.js';
+import { Spawner } from '../util/spawner.js';
 import { isActive } from '../core/lifecycle.js';
 import { DataPaths, type DaemonConfig } from './config.js';
 import { VERSION } from './version.js';
@@ -57,6 +59,9 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
 
   await prepareDataDir(paths);
   await refuseSecondDaemon(paths.socket);
+  // Helper commands (ip, nft, qemu-img, runc…) start from a small shell, not by forking the daemon.
+  await rm(paths.commandsDir, { recursive: true, force: true });
+  useCommandRunner(new Spawner(), paths.commandsDir);
   const token = await loadOrCreateToken(paths.tokenFile);
   const store = SqliteStateStore.open(paths.stateDb);
 

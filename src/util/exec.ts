@@ -1,6 +1,11 @@
-// Running helper programs (qemu-img, ip, apt-get…) with captured output and a clear error.
+// Running helper programs (qemu-img, ip, apt-get…) with captured output and a clear error. In
+// the daemon they start from a small shell (a command runner, util/spawner.ts) rather than by
+// forking the daemon: about 0.5 ms a program instead of 5.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { HfError, type ErrorCode } from '../core/errors.js';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { HfError, isHfError, type ErrorCode } from '../core/errors.js';
+import { Spawner, SpawnerUnavailable } from './spawner.js';
 
 export interface ExecResult {
   stdout: string;
@@ -25,8 +30,73 @@ export interface RunOptions {
   signal?: AbortSignal;
 }
 
+let runner: { spawner: Spawner; dir: string; seq: number } | undefined;
+
+/**
+ * From now on, run() starts commands through `spawner` (no fork of this process), their input and
+ * output passing through files in `dir` (made if missing; each call removes its own). Commands
+ * with their own environment, working directory or abort signal, or arguments a request line
+ * cannot carry, are still spawned directly. The daemon calls this once at start.
+ */
+export function useCommandRunner(spawner: Spawner, dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  runner = { spawner, dir, seq: 0 };
+}
+
 /** Runs a command to completion with its output captured; a failure is an HfError naming the command and its stderr. */
 export async function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
+  if (runner && !opts.env && !opts.cwd && !opts.signal && runner.spawner.usable([cmd, ...args], runner.dir)) {
+    try {
+      return await runThroughRunner(runner, cmd, args, opts);
+    } catch (e) {
+      if (!(e instanceof SpawnerUnavailable)) throw e;
+      // the runner could not start it at all: spawn it ourselves
+    }
+  }
+  return runSpawned(cmd, args, opts);
+}
+
+async function runThroughRunner(r: NonNullable<typeof runner>, cmd: string, args: string[], opts: RunOptions): Promise<ExecResult> {
+  const base = join(r.dir, `${process.pid}-${++r.seq}`);
+  const files = { stdin: opts.input === undefined ? '/dev/null' : `${base}.in`, stdout: `${base}.out`, stderr: `${base}.err` };
+  try {
+    if (opts.input !== undefined) writeFileSync(files.stdin, opts.input, { mode: 0o600 });
+    let code: number;
+    let timedOut = false;
+    try {
+      code = await r.spawner.capture([cmd, ...args], files, opts.timeoutMs ?? 2 ** 31 - 1, cmd);
+    } catch (e) {
+      if (!isHfError(e) || e.code !== 'HF_ERR_TIMEOUT') throw e;
+      // killed as a directly spawned command would be
+      timedOut = true;
+      code = -1;
+    }
+    const read = (f: string) => {
+      try {
+        return readFileSync(f, 'utf8');
+      } catch {
+        return '';
+      }
+    };
+    const res = { stdout: read(files.stdout), stderr: read(files.stderr), code };
+    // The shell says "not found" with status 127 where spawn() fails with ENOENT.
+    if (code === 127 && /not found/.test(res.stderr)) throw new HfError('HF_ERR_MISSING_DEPENDENCY', `${cmd} is not installed (not found on PATH)`);
+    return settle(cmd, args, opts, res, timedOut ? 'SIGKILL' : code > 128 ? `signal ${code - 128}` : null);
+  } finally {
+    for (const f of [files.stdout, files.stderr, ...(opts.input === undefined ? [] : [files.stdin])]) rmSync(f, { force: true });
+  }
+}
+
+/** The result, or the error a failed command makes (unless failure is allowed). */
+function settle(cmd: string, args: string[], opts: RunOptions, res: ExecResult, signal: string | null): ExecResult {
+  if (res.code === 0 || opts.allowFailure) return res;
+  const why = signal ? `killed by ${signal}` : `exit ${res.code}`;
+  throw new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd} ${args.join(' ')} failed (${why}): ${res.stderr.trim() || res.stdout.trim()}`, {
+    details: { command: [cmd, ...args], code: res.code, stderr: res.stderr.slice(-2000) },
+  });
+}
+
+function runSpawned(cmd: string, args: string[], opts: RunOptions): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     const { signal } = opts;
     if (signal?.aborted) return reject(signal.reason);
@@ -43,22 +113,23 @@ export async function run(cmd: string, args: string[], opts: RunOptions = {}): P
     const timer = opts.timeoutMs ? setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs) : undefined;
     const onAbort = () => killGroup(child);
     signal?.addEventListener('abort', onAbort, { once: true });
-    const settle = () => {
+    const done = () => {
       if (timer) clearTimeout(timer);
       signal?.removeEventListener('abort', onAbort);
     };
     child.on('error', (e: NodeJS.ErrnoException) => {
-      settle();
+      done();
       if (e.code === 'ENOENT') reject(new HfError('HF_ERR_MISSING_DEPENDENCY', `${cmd} is not installed (not found on PATH)`, { cause: e }));
       else reject(new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd}: ${e.message}`, { cause: e }));
     });
     child.on('close', (code, sig) => {
-      settle();
+      done();
       if (signal?.aborted) return reject(signal.reason);
-      const res = { stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), code: code ?? -1 };
-      if (code === 0 || opts.allowFailure) return resolve(res);
-      const why = sig ? `killed by ${sig}` : `exit ${code}`;
-      reject(new HfError(opts.errorCode ?? 'HF_ERR_INTERNAL', `${cmd} ${args.join(' ')} failed (${why}): ${res.stderr.trim() || res.stdout.trim()}`, { details: { command: [cmd, ...args], code, stderr: res.stderr.slice(-2000) } }));
+      try {
+        resolve(settle(cmd, args, opts, { stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), code: code ?? -1 }, sig));
+      } catch (e) {
+        reject(e);
+      }
     });
     // A command that does not read its input may have exited already: that is no failure of ours.
     child.stdin.on('error', () => undefined);
