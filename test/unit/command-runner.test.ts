@@ -47,10 +47,13 @@ describe('command runner', () => {
     } finally {
       process.umask(old);
     }
-    const t0 = Date.now();
-    const outs = await Promise.all([1, 2, 3, 4].map((i) => run('/bin/sh', ['-c', `sleep 0.3; echo ${i}`])));
+    // A rendezvous: each waits (up to 10 s) until all four have arrived, which only side by side can do.
+    const meet = join(work, 'meet');
+    await run('/bin/mkdir', [meet]);
+    const rendezvous = (i: number) =>
+      `touch ${meet}/${i}; n=0; while [ "$(ls ${meet} | wc -l)" -lt 4 ]; do n=$((n+1)); [ $n -gt 200 ] && exit 1; sleep 0.05; done; echo ${i}`;
+    const outs = await Promise.all([1, 2, 3, 4].map((i) => run('/bin/sh', ['-c', rendezvous(i)])));
     assert.deepEqual(outs.map((o) => o.stdout), ['1\n', '2\n', '3\n', '4\n']);
-    assert.ok(Date.now() - t0 < 1100, `side by side (${Date.now() - t0} ms)`);
   });
 
   it('still spawns directly what the runner cannot carry: an empty argument, a working directory, an environment', async () => {
