@@ -21,6 +21,8 @@ export const ERROR_CODES = {
   HF_ERR_INSTANCE_NOT_RUNNING: 409,
   HF_ERR_INVALID_STATE: 409,
   HF_ERR_BUSY: 409,
+  /** The image is being built right now: its operation is in `details.operation`. */
+  HF_ERR_IMAGE_BUILDING: 409,
   HF_ERR_CONFLICT: 409,
   /** A network still has NICs attached. */
   HF_ERR_NETWORK_IN_USE: 409,

@@ -28,7 +28,8 @@ export interface ImageBuilder {
 export class ImageService {
   private readonly records: Collection<ImageRecord>;
   private readonly builders = new Map<string, ImageBuilder>();
-  private readonly building = new Set<string>();
+  /** Images being built, with their operation's id (empty while it is being started). */
+  private readonly building = new Map<string, string>();
   /** Who still depends on an image (linked clones…): set by the storage service. */
   private usageResolver: ((rec: ImageRecord) => Promise<string[]>) | undefined;
 
@@ -72,6 +73,10 @@ export class ImageService {
     }
     const img = await this.find(name);
     if (img) return img;
+    const op = this.building.get(name);
+    if (op) {
+      throw new HfError('HF_ERR_IMAGE_BUILDING', `image "${name}" is being built (operation ${op}): wait for it with \`hyperfold operation wait ${op}\``, { details: { operation: op } });
+    }
     if (this.builders.has(name)) {
       throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `image "${name}" is not built yet: run \`hyperfold image build ${name}\``);
     }
@@ -92,7 +97,19 @@ export class ImageService {
     const b = this.builders.get(name);
     if (!b) throw new HfError('HF_ERR_IMAGE_NOT_FOUND', `no recipe to build image "${name}" (buildable: ${this.buildable().join(', ')})`);
     if (this.building.has(name)) throw new HfError('HF_ERR_BUSY', `image "${name}" is already being built`);
-    this.building.add(name);
+    this.building.set(name, '');
+    let op: Operation;
+    try {
+      op = await this.startBuild(name, b);
+    } catch (e) {
+      this.building.delete(name);
+      throw e;
+    }
+    if (this.building.has(name)) this.building.set(name, op.id);
+    return op;
+  }
+
+  private startBuild(name: string, b: ImageBuilder): Promise<Operation> {
     return this.operations.start('image.build', { kind: 'image', name }, async (ctx: OperationContext) => {
       try {
         await mkdir(this.paths.imagesDir, { recursive: true });

@@ -44,4 +44,18 @@ describe('image build', () => {
     assert.match(host.stdout, /KVM:\s+(usable|NOT usable): \S/);
     assert.match(host.stdout, /Default:\s+(kvm|tcg)/);
   });
+
+  it('while a missing image is being built, a create says so (HF_ERR_IMAGE_BUILDING) and `launch` waits for the build', async () => {
+    await t.d.api.request('DELETE', '/api/v1/images/tiny');
+    const { operation } = await t.d.api.request<{ operation: Operation }>('POST', '/api/v1/images/tiny/build', {});
+    await assert.rejects(
+      t.d.api.request('POST', '/api/v1/instances', { name: 'early', image: 'tiny', memory: '64M' }),
+      (e: Error & { code?: string; details?: { operation?: string } }) => e.code === 'HF_ERR_IMAGE_BUILDING' && e.details?.operation === operation.id,
+    );
+    const launch = spawnSync(process.execPath, [CLI, '--data-dir', t.dataDir, 'launch', 'tiny', 'early', '--memory', '64M', '--accel', 'tcg'], { encoding: 'utf8', timeout: 300_000 });
+    assert.equal(launch.status, 0, launch.stderr);
+    assert.match(launch.stderr, new RegExp(`image tiny is being built \\(operation ${operation.id}\\): waiting`));
+    assert.equal((await t.d.api.waitOperation(operation.id)).status, 'success');
+    assert.equal((await t.d.api.request<{ instance: { state: string } }>('GET', '/api/v1/instances/early')).instance.state, 'running');
+  });
 });

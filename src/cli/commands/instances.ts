@@ -100,7 +100,18 @@ export function registerInstanceCommands(ctx: CliContext): void {
   }
 
   async function createCommand(image: string, name: string, o: InstanceOpts, start: boolean): Promise<void> {
-    const res = await ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', `/api/v1/instances${start && o.wait !== false ? '?wait=1' : ''}`, createBody(image, name, o, start));
+    const post = () => ctx.client().request<{ instance: Instance; operation?: Operation }>('POST', `/api/v1/instances${start && o.wait !== false ? '?wait=1' : ''}`, createBody(image, name, o, start));
+    let res: { instance: Instance; operation?: Operation };
+    try {
+      res = await post();
+    } catch (e) {
+      // Right after `npm start` the built-in image may still be building: follow that, then go on.
+      const building = e instanceof ApiError && e.code === 'HF_ERR_IMAGE_BUILDING' ? (e.details as { operation?: string } | undefined)?.operation : undefined;
+      if (!building || o.wait === false) throw e;
+      process.stderr.write(`image ${image} is being built (operation ${building}): waiting for it\n`);
+      await ctx.follow((await ctx.client().request<{ operation: Operation }>('GET', `/api/v1/operations/${building}`)).operation);
+      res = await post();
+    }
     if (res.operation) await ctx.follow(res.operation, { wait: o.wait });
     const inst = (await ctx.client().request<{ instance: Instance }>('GET', `/api/v1/instances/${name}`)).instance;
     ctx.print(inst, o.format, () => `${start ? 'launched' : 'created'} ${inst.type} ${inst.name} (${inst.state})`);
