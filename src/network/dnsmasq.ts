@@ -187,11 +187,13 @@ export class DnsmasqSupervisor {
     const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
     const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
     // dnsmasq binds its sockets and writes its pid file before serving: wait for the pid file.
+    // Polled often at first (it is there within a few milliseconds), less so later; 2 s at most.
     const ready = (async () => {
-      for (let i = 0; i < 100; i++) {
+      const deadline = Date.now() + 2000;
+      for (let delay = 1; Date.now() < deadline; delay = Math.min(delay * 2, 20)) {
         const pid = Number((await readFile(this.files.pidFile, 'utf8').catch(() => '')).trim());
         if (pid > 0 && pid === child.pid) return true;
-        await sleep(20);
+        await sleep(delay);
       }
       return false;
     })();

@@ -42,8 +42,11 @@ export interface NicInNetns {
 export interface NetHost {
   listLinks(): Promise<LinkInfo[]>;
   routes(): Promise<HostRoute[]>;
-  /** Creates the bridge if missing, brings it up; with `address` (gw/prefix), routes for it (proxy ARP, forwarding). */
-  ensureBridge(name: string, opts: { address?: string | undefined }): Promise<void>;
+  /**
+   * Creates the bridge if missing, brings it up; with `address` (gw/prefix), routes for it (proxy
+   * ARP, forwarding). `current`: the caller's fresh listing of it (null: absent), saving the lookups.
+   */
+  ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null }): Promise<void>;
   setMaster(ifname: string, bridge: string | null, port: PortOptions): Promise<void>;
   deleteLink(name: string): Promise<void>;
   createTap(name: string): Promise<void>;
@@ -115,6 +118,11 @@ export class LinuxNetHost implements NetHost {
     }));
   }
 
+  private async addressesOf(name: string): Promise<string[]> {
+    const cur = await this.ip(['-j', '-4', 'addr', 'show', 'dev', name]);
+    return (JSON.parse(cur.stdout || '[]') as IpAddrJson[]).flatMap((a) => (a.addr_info ?? []).map((i) => `${i.local}/${i.prefixlen}`));
+  }
+
   async routes(): Promise<HostRoute[]> {
     const r = await this.ip(['-j', '-4', 'route', 'show', 'table', 'all']);
     return (JSON.parse(r.stdout || '[]') as IpRouteJson[])
@@ -122,8 +130,8 @@ export class LinuxNetHost implements NetHost {
       .map((x) => ({ dst: x.dst.includes('/') ? x.dst : `${x.dst}/32`, dev: x.dev, table: x.table }));
   }
 
-  async ensureBridge(name: string, opts: { address?: string | undefined }): Promise<void> {
-    const exists = await this.linkExists(name);
+  async ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null }): Promise<void> {
+    const exists = opts.current !== undefined ? opts.current !== null : await this.linkExists(name);
     if (!exists) {
       // No STP (nothing to loop with) and no forwarding delay: ports forward at once.
       await this.ip(['link', 'add', 'name', name, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0']);
@@ -136,8 +144,7 @@ export class LinuxNetHost implements NetHost {
       await this.sysctl(name, 'send_redirects', '0');
       await this.sysctl(name, 'route_localnet', '1');
       await this.sysctl(name, 'forwarding', '1');
-      const cur = await this.ip(['-j', '-4', 'addr', 'show', 'dev', name]);
-      const have = (JSON.parse(cur.stdout || '[]') as IpAddrJson[]).flatMap((a) => (a.addr_info ?? []).map((i) => `${i.local}/${i.prefixlen}`));
+      const have = !exists ? [] : opts.current ? opts.current.addresses : await this.addressesOf(name);
       for (const a of have) if (a !== opts.address) await this.ip(['addr', 'del', a, 'dev', name], { allowFailure: true });
       if (!have.includes(opts.address)) await this.ip(['addr', 'add', opts.address, 'dev', name]);
     }

@@ -230,7 +230,7 @@ export class NetworkService {
           await this.networks.delete(net.name);
           await this.applyLocked().catch(() => undefined);
         });
-        await this.bringUp(net, undo);
+        await this.bringUp(net, undo, links);
         await this.applyLocked();
         return net;
       }, this.d.log),
@@ -333,14 +333,15 @@ export class NetworkService {
   }
 
   /** Creates (or repairs) a network's bridge, uplink and dnsmasq. Idempotent. */
-  private async bringUp(net: Network, undo?: UndoStack): Promise<void> {
-    const links = await this.d.host.listLinks();
+  /** `links`: a listing of the host's links taken under the lock just before, when the caller has one. */
+  private async bringUp(net: Network, undo?: UndoStack, links?: LinkInfo[]): Promise<void> {
+    links ??= await this.d.host.listLinks();
     const has = (n: string) => links.some((l) => l.name === n);
     if (!net.external) {
-      const existed = has(net.bridge);
+      const current = links.find((l) => l.name === net.bridge) ?? null;
       const address = net.subnet && net.gateway ? `${net.gateway}/${parseCidr(net.subnet).prefix}` : undefined;
-      if (!existed) undo?.add(`delete bridge ${net.bridge}`, () => this.d.host.deleteLink(net.bridge));
-      await this.d.host.ensureBridge(net.bridge, { address });
+      if (!current) undo?.add(`delete bridge ${net.bridge}`, () => this.d.host.deleteLink(net.bridge));
+      await this.d.host.ensureBridge(net.bridge, { address, current });
     }
     if (net.mode === 'bridged' && !net.external && net.uplink) {
       let port = net.uplink;
