@@ -2,6 +2,7 @@
 // network namespaces), routes, sysctls, nftables and dnsmasq, behind one interface so that the
 // network service can be unit-tested over a fake. `LinuxNetHost` is the real thing (iproute2,
 // nft, dnsmasq).
+import { createHash } from 'node:crypto';
 import { access, mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { HfError, isHfError } from '../core/errors.js';
 import { run, which } from '../util/exec.js';
@@ -57,6 +58,13 @@ export interface NetHost {
   /** Creates the namespace (lo up) and returns its path. */
   addNetns(name: string): Promise<string>;
   deleteNetns(name: string): Promise<void>;
+  /**
+   * Forgets what the host knows of `ip`'s link-layer address on `dev`: an address given to a new
+   * NIC may still point at the MAC of the NIC that had it before, for seconds.
+   */
+  forgetNeighbour(dev: string, ip: string): Promise<void>;
+  /** Names the network namespace of process `pid` (`ip netns attach`) and returns the name's path. */
+  attachNetns(name: string, pid: number): Promise<string>;
   netnsPath(name: string): string;
   /** Moves `ifname` into the namespace, renames, sets the MAC and address, brings it up. */
   moveIntoNetns(ifname: string, netns: string, nic: NicInNetns): Promise<void>;
@@ -133,8 +141,12 @@ export class LinuxNetHost implements NetHost {
   async ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null }): Promise<void> {
     const exists = opts.current !== undefined ? opts.current !== null : await this.linkExists(name);
     if (!exists) {
-      // No STP (nothing to loop with) and no forwarding delay: ports forward at once.
-      await this.ip(['link', 'add', 'name', name, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0']);
+      // No STP (nothing to loop with) and no forwarding delay: ports forward at once. A MAC of its
+      // own: a bridge left to itself takes the lowest MAC of its ports, so it would change as
+      // instances come and go, and neighbours would keep sending to the old one for a minute.
+      await this.ip(['link', 'add', 'name', name, 'address', bridgeMac(name), 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0']);
+    } else if (opts.current && opts.current.mac !== bridgeMac(name)) {
+      await this.ip(['link', 'set', 'dev', name, 'address', bridgeMac(name)]);
     }
     if (opts.address) {
       // Routed (managed) bridge: the host is the gateway; instance ports are isolated, so the
@@ -144,6 +156,9 @@ export class LinuxNetHost implements NetHost {
       await this.sysctl(name, 'send_redirects', '0');
       await this.sysctl(name, 'route_localnet', '1');
       await this.sysctl(name, 'forwarding', '1');
+      // Proxy ARP answers a broadcast request after a random delay of up to proxy_delay (0.8 s by
+      // default): an instance's first packet to a neighbour would wait for it. Answer at once.
+      await writeFile(`/proc/sys/net/ipv4/neigh/${name}/proxy_delay`, '0');
       const have = !exists ? [] : opts.current ? opts.current.addresses : await this.addressesOf(name);
       for (const a of have) if (a !== opts.address) await this.ip(['addr', 'del', a, 'dev', name], { allowFailure: true });
       if (!have.includes(opts.address)) await this.ip(['addr', 'add', opts.address, 'dev', name]);
@@ -216,6 +231,15 @@ export class LinuxNetHost implements NetHost {
     if (r.code !== 0 && !/No such file|Cannot remove namespace file.*No such/i.test(r.stderr)) {
       throw new HfError('HF_ERR_INTERNAL', `cannot delete network namespace ${name}: ${r.stderr.trim()}`);
     }
+  }
+
+  async forgetNeighbour(dev: string, ip: string): Promise<void> {
+    await this.ip(['neigh', 'del', ip, 'dev', dev], { allowFailure: true });
+  }
+
+  async attachNetns(name: string, pid: number): Promise<string> {
+    await this.ip(['netns', 'attach', name, String(pid)]);
+    return this.netnsPath(name);
   }
 
   async moveIntoNetns(ifname: string, netns: string, nic: NicInNetns): Promise<void> {
@@ -309,4 +333,10 @@ export function localPortsOf(table: string, listenOnly: boolean): Set<number> {
     out.add(port);
   }
   return out;
+}
+
+/** A fixed, locally administered unicast MAC for bridge `name` (02:…, from a hash of the name). */
+export function bridgeMac(name: string): string {
+  const h = createHash('sha256').update(`hyperfold-bridge/${name}`).digest();
+  return ['02', ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }

@@ -605,6 +605,7 @@ export class NetworkService {
       await this.d.host.deleteLink(iface);
     });
     await this.d.host.setMaster(iface, net.bridge, { isolated: managed });
+    if (managed && nic.ip) await this.d.host.forgetNeighbour(net.bridge, nic.ip);
     if (inst.type === 'container') {
       const ns = this.d.names.netns(inst.name);
       const prefix = net.subnet ? parseCidr(net.subnet).prefix : undefined;
@@ -668,10 +669,14 @@ export class NetworkService {
           });
           if (running) {
             ctx.progress(30, `plugging ${nic.name} into ${instance}`);
-            if (inst.type === 'container') {
-              if (!inst.config.netns || !existsSync(inst.config.netns)) {
-                throw new HfError('HF_ERR_UNSUPPORTED', `container ${instance} was started without a Hyperfold network namespace: stop it, add the NIC, start it`);
-              }
+            if (inst.type === 'container' && (!inst.config.netns || !existsSync(inst.config.netns))) {
+              // Started without NICs: its init has a network namespace of its own (runc made one).
+              // Name it as the network layer names the ones it prepares; the NIC is moved in there.
+              const ns = this.d.names.netns(inst.name);
+              await this.d.host.deleteNetns(ns);
+              const netns = await this.d.host.attachNetns(ns, handle.runtime.pid);
+              undo.add(`forget the name ${ns}`, () => this.d.host.deleteNetns(ns));
+              await this.instances.patch(instance, (r) => ({ ...r, config: { ...r.config, netns } }));
             }
             await this.plugHostSide(inst, nic, net!, undo);
             if (inst.type === 'vm') {

@@ -413,6 +413,26 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
     assert.ok(ping(nsOf('c1'), await ipOf('c2')), 'eth0 unaffected');
   });
 
+  it('hot-plugs a NIC into a running container launched without any', async () => {
+    const l = cli('launch', 'busybox', 'c4', '--container', '--memory', '64M');
+    assert.equal(l.status, 0, l.stderr);
+    assert.equal((await getInstance(api(), 'c4')).config.nics.length, 0);
+    const add = cli('nic', 'add', 'c4', '--network', 'lab');
+    assert.equal(add.status, 0, add.stderr);
+    const c4 = await getInstance(api(), 'c4');
+    const nic = c4.config.nics[0]!;
+    // Seen from inside the container, not only through the namespace's name.
+    const inside = cli('exec', 'c4', '-T', '--', 'ip', '-4', 'addr', 'show', 'dev', nic.name);
+    assert.match(inside.stdout, new RegExp(`inet ${nic.ip!.replace(/\./g, '\\.')}/24`), inside.stderr);
+    const c3ip = await ipOf('c3');
+    assert.ok(ping(nsOf('c4'), c3ip), `c4 reaches c3 (${c3ip}) on lab: ${sh('ip', ['-n', nsOf('c4'), '-4', 'addr']).stdout} ${sh('ip', ['netns', 'exec', nsOf('c4'), 'busybox', 'ping', '-c', '1', '-W', '2', c3ip]).stdout}`);
+    assert.equal(cli('exec', 'c4', '-T', '--', 'ping', '-c', '1', '-W', '2', (await net('lab')).gateway!).status, 0, 'ping from inside');
+    assert.equal(cli('nic', 'remove', 'c4', nic.name).status, 0);
+    assert.notEqual(cli('exec', 'c4', '-T', '--', 'ip', 'link', 'show', 'dev', nic.name).status, 0, 'gone from inside');
+    assert.equal(cli('delete', '-f', 'c4').status, 0);
+    assert.ok(!ownState().netns.includes(nsOf('c4')), 'the namespace name is gone with it');
+  });
+
   it('leaves nothing behind once the instances and networks are deleted', async () => {
     for (const s of servers) s.kill('SIGKILL');
     for (const c of ['c1', 'c2', 'c3']) assert.equal(cli('delete', '-f', c).status, 0, c);

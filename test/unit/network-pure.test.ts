@@ -6,6 +6,7 @@ import { HfError } from '../../src/core/errors.js';
 import { contains, formatCidr, formatIpv4, hostRange, isPrivate, overlaps, parseCidr, parseIpv4, tryParseIpv4 } from '../../src/network/cidr.js';
 import { checkRequestedIp, nextFreeIp, normalizeMac, randomMac } from '../../src/network/alloc.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
+import { bridgeMac } from '../../src/network/host.js';
 import { parseFirewallRule, parseRuleSpec } from '../../src/network/firewall.js';
 
 const code = (c: string) => (e: unknown) => e instanceof HfError && e.code === c;
@@ -77,6 +78,15 @@ describe('allocation', () => {
     assert.equal(randomMac(taken, rand), '52:54:00:04:05:06');
     const m = randomMac(new Set());
     assert.match(m, /^52:54:00(:[0-9a-f]{2}){3}$/);
+  });
+});
+
+describe('bridge MACs', () => {
+  it('are fixed per bridge name, unicast and locally administered, and differ between bridges', () => {
+    const a = bridgeMac('hf3a7cb-default');
+    assert.match(a, /^02(:[0-9a-f]{2}){5}$/);
+    assert.equal(bridgeMac('hf3a7cb-default'), a);
+    assert.notEqual(bridgeMac('hf3a7cb-lab'), a);
   });
 });
 

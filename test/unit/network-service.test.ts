@@ -95,6 +95,11 @@ class FakeNetHost implements NetHost {
     if (ns) for (const nic of ns.values()) this.links.delete(nic.mac);
     this.netns.delete(name);
   }
+  async forgetNeighbour(_dev: string, _ip: string): Promise<void> {}
+  async attachNetns(name: string, _pid: number): Promise<string> {
+    if (!this.netns.has(name)) this.netns.set(name, new Map());
+    return this.netnsPath(name);
+  }
   netnsPath(name: string): string {
     return `/run/netns/${name}`;
   }
