@@ -12,6 +12,7 @@ import { NetNames, tagFor } from '../../src/network/names.js';
 import { DEFAULT_OWNERS_DIR } from '../../src/services/networks.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
+import type { NicAddress } from '../../src/network/model.js';
 import { installTestImage } from './image.js';
 
 export const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
@@ -210,4 +211,45 @@ export function operationProgress(d: TestDaemon, id: string, timeoutMs = 10_000)
       reject(new Error(`no final event for operation ${id} within ${timeoutMs} ms (saw ${percents.join(',')})`));
     }, timeoutMs);
   });
+}
+
+let consoleSeq = 0;
+
+/** Runs a shell command on a guest's serial console (the tiny image's shell) and returns what it printed. */
+export async function consoleRun(api: ApiClient, name: string, cmd: string, timeoutMs = 60_000): Promise<string> {
+  const n = ++consoleSeq;
+  // The marker is computed by the guest's shell, so the echo of the typed line never matches it.
+  const end = `@@END${n + 1000}@@`;
+  const ws = api.websocket(`/api/v1/instances/${name}/console`);
+  let got = '';
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`guest ${name}: no end marker for "${cmd}"; got:\n${got.slice(-1500)}`)), timeoutMs);
+      ws.on('open', () => ws.send(`${cmd}; echo @@END$((${n}+1000))@@\n`));
+      ws.on('message', (b: Buffer) => {
+        got += b.toString();
+        if (got.includes(end)) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      ws.on('error', reject);
+    });
+  } finally {
+    ws.close();
+  }
+  return got.slice(0, got.indexOf(end));
+}
+
+/** The address a VM's NIC got from dnsmasq (its lease), waiting for it. */
+export async function waitForLease(api: ApiClient, instance: string, nic = 'eth0', timeoutMs = 60_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  let last: NicAddress[] = [];
+  while (Date.now() < deadline) {
+    last = (await api.request<{ addresses: NicAddress[] }>('GET', `/api/v1/addresses?instance=${instance}`)).addresses;
+    const a = last.find((x) => x.nic === nic && x.source === 'lease');
+    if (a?.ip) return a.ip;
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  throw new Error(`${instance}/${nic} got no DHCP lease: ${JSON.stringify(last)}`);
 }

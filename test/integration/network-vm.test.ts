@@ -6,11 +6,10 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import type { NicAddress } from '../../src/network/model.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
 import type { NetworkView } from '../../src/services/networks.js';
 import { isProcessAlive } from '../../src/util/proc.js';
-import { CLI, destroyDataDir, getInstance, makeDataDir, startTestDaemon, waitForConsole, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, consoleRun, destroyDataDir, getInstance, makeDataDir, startTestDaemon, waitForConsole, waitForLease as leaseOf, type TestDaemon } from '../helpers/daemon.js';
 
 function sh(cmd: string, args: string[], timeout = 30_000) {
   return spawnSync(cmd, args, { encoding: 'utf8', timeout });
@@ -33,7 +32,6 @@ describe('networking with real VMs (TCG)', () => {
   let dataDir: string;
   let d: TestDaemon;
   let names: NetNames;
-  let seq = 0;
   let baseline: { links: string[]; netns: string[]; inet: string; bridge: string; dnsmasq: number };
 
   const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', dataDir, ...args], { encoding: 'utf8', timeout: 180_000 });
@@ -49,42 +47,8 @@ describe('networking with real VMs (TCG)', () => {
     };
   };
 
-  /** Runs a shell command on the guest's serial console and returns what it printed. */
-  const guest = async (name: string, cmd: string, timeoutMs = 60_000): Promise<string> => {
-    const n = ++seq;
-    const end = `@@END${n + 1000}@@`;
-    const ws = d.api.websocket(`/api/v1/instances/${name}/console`);
-    let got = '';
-    try {
-      await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`guest ${name}: no end marker for "${cmd}"; got:\n${got.slice(-1500)}`)), timeoutMs);
-        ws.on('open', () => ws.send(`${cmd}; echo @@END$((${n}+1000))@@\n`));
-        ws.on('message', (b: Buffer) => {
-          got += b.toString();
-          if (got.includes(end)) {
-            clearTimeout(timer);
-            resolve();
-          }
-        });
-        ws.on('error', reject);
-      });
-    } finally {
-      ws.close();
-    }
-    return got.slice(0, got.indexOf(end));
-  };
-
-  const waitForLease = async (instance: string, nic = 'eth0', timeoutMs = 60_000): Promise<string> => {
-    const deadline = Date.now() + timeoutMs;
-    let last: NicAddress[] = [];
-    while (Date.now() < deadline) {
-      last = (await d.api.request<{ addresses: NicAddress[] }>('GET', `/api/v1/addresses?instance=${instance}`)).addresses;
-      const a = last.find((x) => x.nic === nic && x.source === 'lease');
-      if (a?.ip) return a.ip;
-      await new Promise((r) => setTimeout(r, 500));
-    }
-    throw new Error(`${instance}/${nic} got no DHCP lease: ${JSON.stringify(last)}`);
-  };
+  const guest = (name: string, cmd: string, timeoutMs?: number) => consoleRun(d.api, name, cmd, timeoutMs);
+  const waitForLease = (instance: string, nic?: string, timeoutMs?: number) => leaseOf(d.api, instance, nic, timeoutMs);
 
   before(async () => {
     dataDir = await makeDataDir();
