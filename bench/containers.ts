@@ -33,7 +33,7 @@
 //     after.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, readdir, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -251,6 +251,9 @@ export async function run(): Promise<string> {
     removeNetworkLeftovers(dataDir);
     removeNetworkLeftovers(dataDir0);
     await rm(raw, { recursive: true, force: true });
+    // The baseline's parent cgroup (runc removes only the containers' own).
+    const layout = hostCgroupLayout();
+    for (const mount of [...Object.values(layout.v1), ...(layout.unified ? [layout.unified] : [])]) await rmdir(join(mount, 'hyperfold-bench')).catch(() => undefined);
   }
   return ['| measure | result | ratio / note |', '|---|---|---|', ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
 }
