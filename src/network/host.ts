@@ -158,7 +158,7 @@ export class LinuxNetHost implements NetHost {
       await this.sysctl(name, 'forwarding', '1');
       // Proxy ARP answers a broadcast request after a random delay of up to proxy_delay (0.8 s by
       // default): an instance's first packet to a neighbour would wait for it. Answer at once.
-      await writeFile(`/proc/sys/net/ipv4/neigh/${name}/proxy_delay`, '0');
+      await writeFile(`/proc/sys/net/ipv4/neigh/${name}/proxy_delay`, '0').catch((e: Error) => this.log.warn('cannot make proxy ARP answer at once', { bridge: name, error: e.message }));
       const have = !exists ? [] : opts.current ? opts.current.addresses : await this.addressesOf(name);
       for (const a of have) if (a !== opts.address) await this.ip(['addr', 'del', a, 'dev', name], { allowFailure: true });
       if (!have.includes(opts.address)) await this.ip(['addr', 'add', opts.address, 'dev', name]);
