@@ -631,8 +631,9 @@ class ContainerHandle implements InstanceHandle {
     const exit = new Promise<number>((resolve) => {
       child.once('error', () => resolve(127));
       child.once('close', (code, signal) => {
-        void rm(file, { force: true });
-        void rm(pidFile, { force: true });
+        // Gone before the exit is told, so that a session that has ended has left nothing.
+        rmSync(file, { force: true });
+        rmSync(pidFile, { force: true });
         resolve(code ?? (signal ? 128 + (signalNumber(signal) ?? 9) : 1));
       });
     });
