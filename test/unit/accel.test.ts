@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { isHfError } from '../../src/core/errors.js';
@@ -115,6 +115,7 @@ describe('loadOrProbe', () => {
     prober: async (o: ProbeOptions): Promise<AccelVerdict> => {
       assert.equal(o.qemuBinary, '/usr/bin/qemu-system-x86_64');
       assert.ok(!('prober' in o) && !('force' in o), 'probe options do not leak cache options');
+      assert.equal(o.workDir, path.dirname(cacheFile), 'the probe works next to the cache file');
       probes++;
       return next;
     },
@@ -129,6 +130,15 @@ describe('loadOrProbe', () => {
   });
   afterEach(async () => {
     await rm(dir, { recursive: true, force: true });
+  });
+
+  it("removes the scratch directory a probe killed mid-way left, before probing again", async () => {
+    const stale = path.join(dir, 'sub', 'hf-accel-probe-abc123');
+    await mkdir(stale, { recursive: true });
+    await writeFile(path.join(stale, 'probe.bin'), 'x');
+    await loadOrProbe(cacheFile, opts());
+    assert.equal(probes, 1);
+    await assert.rejects(stat(stale), /ENOENT/);
   });
 
   it('probes once, then serves the cache', async () => {

@@ -13,7 +13,7 @@
 // forever — exactly the "KVM guests hang" symptom.
 import { spawn, execFile } from 'node:child_process';
 import { constants as fsConstants } from 'node:fs';
-import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { access, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { HfError } from '../../core/errors.js';
@@ -35,9 +35,13 @@ export interface ProbeOptions {
   kvmDevice?: string;
   /** Called with the pid of every probe process QEMU spawns (for logging and leak tests). */
   onSpawn?: (pid: number, accel: AccelName) => void;
+  /** Where the probe's scratch directory goes (default: the OS temp dir; the daemon: its data directory). */
+  workDir?: string;
 }
 
 export const DEFAULT_PROBE_DEADLINE_MS = 3000;
+/** Scratch directories of probes are named so (a daemon killed mid-probe leaves one behind). */
+const PROBE_DIR_PREFIX = 'hf-accel-probe-';
 /** Exit status QEMU reports when the probe guest wrote PROBE_EXIT_VALUE to isa-debug-exit. */
 export const PROBE_EXIT_STATUS = (0x31 << 1) | 1; // 99
 
@@ -150,8 +154,9 @@ export async function runProbeGuest(
   accel: AccelName,
   deadlineMs: number,
   onSpawn?: (pid: number, accel: AccelName) => void,
+  workDir = os.tmpdir(),
 ): Promise<ProbeRun> {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'hf-accel-probe-'));
+  const dir = await mkdtemp(path.join(workDir, PROBE_DIR_PREFIX));
   try {
     const firmware = path.join(dir, 'probe.bin');
     const progressFile = path.join(dir, 'progress');
@@ -259,7 +264,7 @@ export async function probeAccelerators(opts: ProbeOptions): Promise<AccelVerdic
 
   // TCG first: it validates the probe image and the QEMU binary, and needs no privileges.
   let tcg: AccelVerdict['tcg'];
-  const tcgRun = await runProbeGuest(opts.qemuBinary, 'tcg', Math.max(deadlineMs, DEFAULT_PROBE_DEADLINE_MS), opts.onSpawn);
+  const tcgRun = await runProbeGuest(opts.qemuBinary, 'tcg', Math.max(deadlineMs, DEFAULT_PROBE_DEADLINE_MS), opts.onSpawn, opts.workDir);
   if (tcgRun.outcome === 'ran') tcg = { usable: true, reason: 'probe guest ran under TCG' };
   else if (tcgRun.outcome === 'timeout') tcg = { usable: false, reason: `TCG guest did not run the probe within ${Math.max(deadlineMs, DEFAULT_PROBE_DEADLINE_MS)} ms` };
   else tcg = { usable: false, reason: failureReason(tcgRun, 'tcg') };
@@ -274,7 +279,7 @@ export async function probeAccelerators(opts: ProbeOptions): Promise<AccelVerdic
     const reason = accessError.code === 'ENOENT' ? `${kvmDevice} missing` : `${kvmDevice} not accessible (${accessError.code ?? accessError.message})`;
     kvm = { usable: false, reason, probedAt, durationMs: 0 };
   } else {
-    const run = await runProbeGuest(opts.qemuBinary, 'kvm', deadlineMs, opts.onSpawn);
+    const run = await runProbeGuest(opts.qemuBinary, 'kvm', deadlineMs, opts.onSpawn, opts.workDir);
     let reason: string;
     if (run.outcome === 'ran') reason = 'probe guest ran under KVM';
     else if (run.outcome === 'timeout') {
@@ -385,7 +390,14 @@ async function doLoadOrProbe(cacheFile: string, opts: LoadOrProbeOptions): Promi
     const cached = parseCacheFile(await readFile(cacheFile, 'utf8').catch(() => ''));
     if (cached && sameCacheKey(cached.key, key)) return cached.verdict;
   }
-  const verdict = await (prober ?? probeAccelerators)(probeOpts);
+  // Probe next to the cache file (the data directory), after removing what a probe of a daemon
+  // killed mid-way left there; one probe at a time per cache file (inFlight).
+  const workDir = probeOpts.workDir ?? path.dirname(cacheFile);
+  await mkdir(workDir, { recursive: true });
+  for (const e of await readdir(workDir).catch(() => [] as string[])) {
+    if (e.startsWith(PROBE_DIR_PREFIX)) await rm(path.join(workDir, e), { recursive: true, force: true });
+  }
+  const verdict = await (prober ?? probeAccelerators)({ ...probeOpts, workDir });
   if (key) {
     const body: AccelCacheFile = { schema: 1, key, verdict };
     await mkdir(path.dirname(cacheFile), { recursive: true });
