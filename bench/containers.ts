@@ -46,17 +46,13 @@ import { buildOciSpec } from '../src/drivers/container/spec.js';
 import { processRssBytes } from '../src/util/proc.js';
 import { removeNetworkLeftovers, startTestDaemon, stopTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
 import { peerRows, setupPeers, type Peers } from './peers.js';
+import { median } from './stats.js';
 
 const N_START = Number(process.env.BENCH_START_RUNS ?? 10);
 const N_IDLE = Number(process.env.BENCH_CONTAINERS ?? 500);
 /** Spares the daemon keeps per image (its default). */
 const SPARES = 2;
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 const ms = (x: number) => `${x.toFixed(1)} ms`;
 const mib = (b: number) => `${(b / 1048576).toFixed(2)} MiB`;
 

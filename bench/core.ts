@@ -12,20 +12,12 @@ import { QmpClient } from '../src/drivers/qemu/qmp/client.js';
 import type { Instance } from '../src/core/model/instance.js';
 import { processRssBytes, waitForProcessExit } from '../src/util/proc.js';
 import { destroyDataDir, getInstance, makeDataDir, op, startTestDaemon, type TestDaemon } from '../test/helpers/daemon.js';
+import { median, pct } from './stats.js';
 
 const N_START = Number(process.env.BENCH_START_RUNS ?? 10);
 const N_PARALLEL = Number(process.env.BENCH_PARALLEL_VMS ?? 20);
 const N_DEFINED = Number(process.env.BENCH_DEFINED_VMS ?? 1000);
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-function pct(xs: number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
-}
 const ms = (x: number) => `${x.toFixed(1)} ms`;
 const mib = (b: number) => `${(b / 1048576).toFixed(1)} MiB`;
 

@@ -21,6 +21,7 @@ import type { Instance } from '../src/core/model/instance.js';
 import type { Operation } from '../src/core/model/operation.js';
 import { NetNames, tagFor } from '../src/network/names.js';
 import { CLI, consoleRun, destroyDataDir, makeDataDir, startTestDaemon, waitForConsole, waitForLease, type TestDaemon } from '../test/helpers/daemon.js';
+import { median } from './stats.js';
 
 const MIB = Number(process.env.BENCH_NET_MIB ?? 256);
 const RUNS = Number(process.env.BENCH_NET_RUNS ?? 5);
@@ -49,11 +50,6 @@ s.on('data', () => { process.stdout.write(String(Number(process.hrtime.bigint() 
 s.on('error', (e) => { console.error(e.message); process.exit(1); });
 `;
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 function sh(cmd: string, args: string[]): { status: number; out: string } {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000 });
@@ -213,12 +209,8 @@ export async function run(): Promise<string> {
   } finally {
     sh('ip', ['link', 'del', probe]);
     sh('ip', ['link', 'del', `${probe}a`]);
+    // Also removes the networks, which a daemon keeps up when it stops (guests may still use them).
     await destroyDataDir(dataDir, d);
-    // The daemon keeps networks up when it stops (guests may still use them): remove its objects.
-    const names = new NetNames(tagFor(dataDir));
-    for (const l of (JSON.parse(sh('ip', ['-j', 'link', 'show']).out) as Array<{ ifname: string }>).map((x) => x.ifname)) if (names.ownsLink(l)) sh('ip', ['link', 'del', l]);
-    sh('nft', ['delete', 'table', 'inet', names.table]);
-    sh('nft', ['delete', 'table', 'bridge', names.table]);
     await rm(dir, { recursive: true, force: true });
   }
 }

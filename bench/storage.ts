@@ -19,15 +19,11 @@ import { Qmp } from '../src/drivers/qemu/qmp/commands.js';
 import { QemuImg } from '../src/storage/qemu-img.js';
 import { waitForProcessExit } from '../src/util/proc.js';
 import { destroyDataDir, getInstance, makeDataDir, op, startTestDaemon, waitForConsole, type TestDaemon } from '../test/helpers/daemon.js';
+import { median } from './stats.js';
 
 const N = Number(process.env.BENCH_CLONES ?? 50);
 const SNAP_RUNS = Number(process.env.BENCH_SNAPSHOT_RUNS ?? 3);
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 const ms = (x: number): string => `${x.toFixed(1)} ms`;
 const mib = (b: number): string => `${(b / 1048576).toFixed(1)} MiB`;
 

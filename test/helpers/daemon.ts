@@ -215,22 +215,26 @@ export function operationProgress(d: TestDaemon, id: string, timeoutMs = 10_000)
 
 let consoleSeq = 0;
 
-/** Runs a shell command on a guest's serial console (the tiny image's shell) and returns what it printed. */
+/**
+ * Runs a shell command on an instance's console (websocket; the tiny image's shell, a container's
+ * `sh -i`) and returns what the command printed, without the echo of the typed line or carriage
+ * returns.
+ */
 export async function consoleRun(api: ApiClient, name: string, cmd: string, timeoutMs = 60_000): Promise<string> {
-  const n = ++consoleSeq;
-  // The marker is computed by the guest's shell, so the echo of the typed line never matches it.
-  const end = `@@END${n + 1000}@@`;
+  const tag = `HF${process.pid}x${++consoleSeq}`;
   const ws = api.websocket(`/api/v1/instances/${name}/console`);
   let got = '';
   try {
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`guest ${name}: no end marker for "${cmd}"; got:\n${got.slice(-1500)}`)), timeoutMs);
-      ws.on('open', () => ws.send(`${cmd}; echo @@END$((${n}+1000))@@\n`));
+    return await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`${name}: no answer to "${cmd}"; got:\n${got.slice(-1500)}`)), timeoutMs);
+      // The markers are split on the command line so that the echo of the command does not match.
+      ws.on('open', () => ws.send(`echo ${tag}-BEGIN''; ${cmd}; echo ${tag}-END''\n`));
       ws.on('message', (b: Buffer) => {
         got += b.toString();
-        if (got.includes(end)) {
+        const m = new RegExp(`${tag}-BEGIN\\r?\\n([\\s\\S]*?)${tag}-END`).exec(got);
+        if (m) {
           clearTimeout(timer);
-          resolve();
+          resolve(m[1]!.replace(/\r/g, ''));
         }
       });
       ws.on('error', reject);
@@ -238,7 +242,6 @@ export async function consoleRun(api: ApiClient, name: string, cmd: string, time
   } finally {
     ws.close();
   }
-  return got.slice(0, got.indexOf(end));
 }
 
 /** The address a VM's NIC got from dnsmasq (its lease), waiting for it. */

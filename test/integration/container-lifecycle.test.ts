@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { hostCgroupLayout, ContainerCgroup, containerCgroupPath } from '../../src/drivers/container/cgroups.js';
 import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
 import { isProcessAlive, waitForProcessExit } from '../../src/util/proc.js';
-import { CLI, getInstance, op, startTestDaemon, stopTestDaemon, waitForState, removeNetworkLeftovers, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, consoleRun, getInstance, op, startTestDaemon, stopTestDaemon, waitForState, removeNetworkLeftovers, type TestDaemon } from '../helpers/daemon.js';
 
 /** Every runc container whose bundle is under `dataDir` is removed (clean-up even after a failure). */
 function removeContainersOf(dataDir: string): void {
@@ -251,21 +251,7 @@ describe('system containers on runc', () => {
   });
 
   it('answers on the console (websocket)', async () => {
-    const ws = d.api.websocket('/api/v1/instances/c1/console');
-    let got = '';
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no echo; got: ${got.slice(-500)}`)), 15_000);
-      ws.on('open', () => ws.send('echo hf-$((6*7))-console\n'));
-      ws.on('message', (b: Buffer) => {
-        got += b.toString();
-        if (got.includes('hf-42-console')) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-      ws.on('error', reject);
-    });
-    ws.close();
+    const got = await consoleRun(d.api, 'c1', 'echo hf-$((6*7))-console', 15_000);
     assert.match(got, /hf-42-console/);
   });
 

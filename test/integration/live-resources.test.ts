@@ -4,44 +4,19 @@
 // re-discovers the hot-plugged devices over QMP and keeps changing them, and pending changes
 // (fewer vCPUs under TCG, memory above the running ceiling) that `info` shows and the next boot
 // applies. Two VM boots.
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { ApiError, type ApiClient } from '../../src/cli/client.js';
 import { isVmLiveInfo, type VmLiveInfo } from '../../src/core/live-plan.js';
 import type { Instance } from '../../src/core/model/instance.js';
-import { CLI, destroyDataDir, getInstance, makeDataDir, op, startTestDaemon, stopTestDaemon, waitForConsole, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, consoleRun, getInstance, op, startTestDaemon, stopTestDaemon, useTestDaemon, waitForConsole } from '../helpers/daemon.js';
 
 const NAME = 'lv1';
 
-/** Runs a shell command on the guest's serial console (websocket) and returns its output. */
-async function guestSh(api: ApiClient, name: string, cmd: string, timeoutMs = 30_000): Promise<string> {
-  const tag = `HF${Math.random().toString(36).slice(2, 8)}`;
-  const ws = api.websocket(`/api/v1/instances/${name}/console`);
-  let got = '';
-  try {
-    return await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no answer to "${cmd}"; got: ${got.slice(-500)}`)), timeoutMs);
-      // The marker is split on the command line so that the echo of the command does not match.
-      ws.on('open', () => ws.send(`echo ${tag}-BEGIN''; ${cmd}; echo ${tag}-END''\n`));
-      ws.on('message', (b: Buffer) => {
-        got += b.toString();
-        const m = new RegExp(`${tag}-BEGIN\\r?\\n([\\s\\S]*?)${tag}-END`).exec(got);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]!.replace(/\r/g, ''));
-        }
-      });
-      ws.on('error', reject);
-    });
-  } finally {
-    ws.close();
-  }
-}
-
 /** The guest's view: MemTotal (kB) and the online CPU list. */
 async function guestView(api: ApiClient): Promise<{ memTotalKiB: number; online: string }> {
-  const out = await guestSh(api, NAME, 'grep MemTotal /proc/meminfo; cat /sys/devices/system/cpu/online');
+  const out = await consoleRun(api, NAME, 'grep MemTotal /proc/meminfo; cat /sys/devices/system/cpu/online');
   const mem = /MemTotal:\s+(\d+) kB/.exec(out);
   const online = /^(\d[\d,-]*)$/m.exec(out);
   assert.ok(mem && online, `unexpected guest output: ${out}`);
@@ -67,28 +42,20 @@ async function live(api: ApiClient): Promise<VmLiveInfo> {
 }
 
 describe('live memory and vCPU changes on a real VM (TCG)', () => {
-  let dataDir: string;
-  let d: TestDaemon;
-  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', dataDir, ...args], { encoding: 'utf8', timeout: 180_000 });
+  const t = useTestDaemon();
+  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, '--data-dir', t.dataDir, ...args], { encoding: 'utf8', timeout: 180_000 });
   let bootView: { memTotalKiB: number; online: string };
   let raised: { memTotalKiB: number; online: string };
 
-  before(async () => {
-    dataDir = await makeDataDir();
-    d = await startTestDaemon(dataDir);
-  });
-  after(async () => {
-    await destroyDataDir(dataDir, d);
-  });
 
   it('launches with ceilings: QEMU has DIMM slots up to max-memory and CPU slots up to max-cpus', async () => {
     const r = cli('launch', 'tiny', NAME, '--memory', '256M', '--max-memory', '1G', '--cpus', '1', '--max-cpus', '2', '--accel', 'tcg');
     assert.equal(r.status, 0, r.stderr);
-    await waitForConsole(d.api, NAME, /HYPERFOLD-GUEST-READY/, 120_000);
-    const l = await live(d.api);
+    await waitForConsole(t.d.api, NAME, /HYPERFOLD-GUEST-READY/, 120_000);
+    const l = await live(t.d.api);
     assert.deepEqual({ boot: l.memory.bootMiB, max: l.memory.maxMiB, slots: l.memory.slots, dimms: l.memory.dimms.length }, { boot: 256, max: 1024, slots: 16, dimms: 0 });
     assert.deepEqual({ present: l.vcpus.present, max: l.vcpus.max }, { present: 1, max: 2 });
-    bootView = await guestView(d.api);
+    bootView = await guestView(t.d.api);
     assert.equal(bootView.online, '0');
   });
 
@@ -99,26 +66,26 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
     assert.match(r.stdout, /applied now: .*memoryMiB/);
     assert.doesNotMatch(r.stdout, /applies at next boot/);
     // 256 MiB more in /proc/meminfo (a DIMM onlined block by block) and CPU 1 online.
-    raised = await waitGuest(d.api, (v) => v.online === '0-1' && v.memTotalKiB >= bootView.memTotalKiB + 250 * 1024, '512M and CPUs 0-1');
-    const l = await live(d.api);
+    raised = await waitGuest(t.d.api, (v) => v.online === '0-1' && v.memTotalKiB >= bootView.memTotalKiB + 250 * 1024, '512M and CPUs 0-1');
+    const l = await live(t.d.api);
     assert.deepEqual(l.memory.dimms.map((x) => ({ id: x.id, slot: x.slot, sizeMiB: x.sizeMiB })), [{ id: 'dimm0', slot: 0, sizeMiB: 256 }]);
     assert.equal(l.memory.totalMiB, 512);
     assert.deepEqual(l.vcpus.hotplugged, ['cpu-s1-c0-t0']);
-    const inst = await getInstance(d.api, NAME);
+    const inst = await getInstance(t.d.api, NAME);
     assert.equal(inst.config.memoryMiB, 512);
     assert.equal(inst.config.vcpus, 2);
     assert.deepEqual(inst.pending, {});
   });
 
   it('lowers memory with the balloon: the guest MemTotal drops; info shows the balloon and its statistics', async () => {
-    const res = await d.api.request<{ applied: string[]; pending: string[] }>('PATCH', `/api/v1/instances/${NAME}`, { memory: '320M' });
+    const res = await t.d.api.request<{ applied: string[]; pending: string[] }>('PATCH', `/api/v1/instances/${NAME}`, { memory: '320M' });
     assert.deepEqual(res.applied, ['memoryMiB']);
     // Linux 6.1's virtio_balloon (QEMU's deflate-on-oom off, the default) takes inflated pages out
     // of the managed page count, so MemTotal itself drops by the balloon size (192 MiB here),
     // not just MemFree / MemAvailable. With deflate-on-oom on it would keep MemTotal.
-    const v = await waitGuest(d.api, (x) => x.memTotalKiB <= raised.memTotalKiB - 180 * 1024, 'MemTotal 192M lower');
+    const v = await waitGuest(t.d.api, (x) => x.memTotalKiB <= raised.memTotalKiB - 180 * 1024, 'MemTotal 192M lower');
     assert.ok(v.memTotalKiB >= raised.memTotalKiB - 200 * 1024, `dropped by no more than the balloon: ${JSON.stringify(v)}`);
-    const l = await live(d.api);
+    const l = await live(t.d.api);
     assert.equal(l.balloon.status, 'active');
     assert.equal(l.balloon.actualMiB, 320);
     // The guest reports statistics every 2 s; wait for a report taken after the balloon moved.
@@ -137,7 +104,7 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
 
   it('refuses bad input with named errors and changes nothing', async () => {
     const refuse = async (body: unknown, code: string, re: RegExp) => {
-      await assert.rejects(d.api.request('PATCH', `/api/v1/instances/${NAME}`, body), (e: ApiError) => {
+      await assert.rejects(t.d.api.request('PATCH', `/api/v1/instances/${NAME}`, body), (e: ApiError) => {
         assert.equal(e.code, code, e.message);
         assert.match(e.message, re);
         return true;
@@ -151,16 +118,16 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
     const r = cli('config', 'set', NAME, 'cpus=two');
     assert.notEqual(r.status, 0);
     assert.match(r.stderr, /HF_ERR_VALIDATION/);
-    const inst = await getInstance(d.api, NAME);
+    const inst = await getInstance(t.d.api, NAME);
     assert.equal(inst.config.memoryMiB, 320);
     assert.deepEqual(inst.pending, {});
-    assert.equal((await live(d.api)).balloon.actualMiB, 320);
+    assert.equal((await live(t.d.api)).balloon.actualMiB, 320);
   });
 
   it('after a daemon SIGKILL + restart, re-discovers the DIMM, the vCPU and the balloon over QMP and keeps changing them', async () => {
-    await stopTestDaemon(d, 'SIGKILL');
-    d = await startTestDaemon(dataDir);
-    const l = await live(d.api);
+    await stopTestDaemon(t.d, 'SIGKILL');
+    t.d = await startTestDaemon(t.dataDir);
+    const l = await live(t.d.api);
     assert.deepEqual(l.memory.dimms.map((x) => ({ id: x.id, slot: x.slot, sizeMiB: x.sizeMiB })), [{ id: 'dimm0', slot: 0, sizeMiB: 256 }]);
     assert.deepEqual(l.vcpus.hotplugged, ['cpu-s1-c0-t0']);
     assert.equal(l.balloon.actualMiB, 320);
@@ -168,17 +135,17 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
     // More memory: a second DIMM in the next free slot, the balloon deflated to the new total.
     // One vCPU fewer: under TCG that waits for the next boot (QEMU 7.2 corrupts itself on a TCG
     // vCPU unplug, see core/live-plan.ts), and the answer says so.
-    const res = await d.api.request<{ applied: string[]; pending: string[]; notes: string[] }>('PATCH', `/api/v1/instances/${NAME}`, { memory: '640M', vcpus: 1 });
+    const res = await t.d.api.request<{ applied: string[]; pending: string[]; notes: string[] }>('PATCH', `/api/v1/instances/${NAME}`, { memory: '640M', vcpus: 1 });
     assert.deepEqual(res.applied, ['memoryMiB'], res.notes.join('; '));
     assert.deepEqual(res.pending, ['vcpus']);
     assert.match(res.notes.join('\n'), /vCPUs are not unplugged live under TCG/);
-    const v = await waitGuest(d.api, (x) => x.memTotalKiB >= raised.memTotalKiB + 120 * 1024, '640M');
+    const v = await waitGuest(t.d.api, (x) => x.memTotalKiB >= raised.memTotalKiB + 120 * 1024, '640M');
     assert.equal(v.online, '0-1');
-    const after = await live(d.api);
+    const after = await live(t.d.api);
     assert.deepEqual(after.memory.dimms.map((x) => [x.id, x.slot, x.sizeMiB]), [['dimm0', 0, 256], ['dimm1', 1, 128]]);
     assert.equal(after.balloon.actualMiB, 640);
     assert.equal(after.vcpus.present, 2);
-    const inst = await getInstance(d.api, NAME);
+    const inst = await getInstance(t.d.api, NAME);
     assert.equal(inst.config.memoryMiB, 640);
     assert.deepEqual(inst.pending, { vcpus: 1 });
   });
@@ -193,18 +160,18 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
     assert.match(info, /Memory:\s+640MiB \(max 1GiB\)/);
 
     // A line in the console log before the restart, so that the next ready marker is recognisable.
-    await guestSh(d.api, NAME, 'echo BEFORE-RESTART-$((40+2))');
-    const restarted = await op(d.api, 'POST', `/api/v1/instances/${NAME}/restart`, { timeout: 60 });
+    await consoleRun(t.d.api, NAME, 'echo BEFORE-RESTART-$((40+2))');
+    const restarted = await op(t.d.api, 'POST', `/api/v1/instances/${NAME}/restart`, { timeout: 60 });
     assert.equal(restarted.status, 'success', JSON.stringify(restarted.error));
-    const inst = await getInstance(d.api, NAME);
+    const inst = await getInstance(t.d.api, NAME);
     assert.deepEqual(inst.pending, {});
     assert.equal(inst.config.memoryMiB, 1280);
     assert.equal(inst.config.maxMemoryMiB, 2048);
     assert.equal(inst.config.vcpus, 1);
-    const l = await live(d.api);
+    const l = await live(t.d.api);
     assert.deepEqual({ boot: l.memory.bootMiB, max: l.memory.maxMiB, dimms: l.memory.dimms.length, cpus: l.vcpus.present }, { boot: 1280, max: 2048, dimms: 0, cpus: 1 });
-    await waitForConsole(d.api, NAME, /BEFORE-RESTART-42[\s\S]*HYPERFOLD-GUEST-READY/, 120_000);
-    const v = await guestView(d.api);
+    await waitForConsole(t.d.api, NAME, /BEFORE-RESTART-42[\s\S]*HYPERFOLD-GUEST-READY/, 120_000);
+    const v = await guestView(t.d.api);
     assert.ok(v.memTotalKiB > 1100 * 1024, `the guest booted with 1280M: ${JSON.stringify(v)}`);
     assert.equal(v.online, '0');
     assert.doesNotMatch(cli('info', NAME).stdout, /Pending/);

@@ -4,7 +4,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import type { Instance } from '../../src/core/model/instance.js';
-import { CLI, getInstance, op, useTestDaemon, waitForConsole } from '../helpers/daemon.js';
+import { CLI, consoleRun, getInstance, op, useTestDaemon, waitForConsole } from '../helpers/daemon.js';
 
 describe('VM and container on one network', () => {
   const t = useTestDaemon();
@@ -37,21 +37,8 @@ describe('VM and container on one network', () => {
     assert.equal(ping.status, 0, `container → VM: ${ping.stdout}${ping.stderr}`);
 
     // VM → container, typed into the VM's serial console.
-    const ws = t.d.api.websocket('/api/v1/instances/netvm/console');
-    let out = '';
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no ping reply in the VM; console: ${out.slice(-800)}`)), 30_000);
-      ws.on('open', () => ws.send(`ping -c 1 -W 3 ${ctIp} && echo PING-$((40+2))-OK\n`));
-      ws.on('message', (b: Buffer) => {
-        out += b.toString();
-        if (out.includes('PING-42-OK')) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-      ws.on('error', reject);
-    });
-    ws.close();
+    const out = await consoleRun(t.d.api, 'netvm', `ping -c 1 -W 3 ${ctIp} && echo PING-$((40+2))-OK`, 30_000);
+    assert.match(out, /PING-42-OK/, `no ping reply in the VM: ${out}`);
 
     // Delete both: the container's interface and namespace go with it.
     assert.equal((await op(t.d.api, 'DELETE', '/api/v1/instances/netct?force=true')).status, 'success');

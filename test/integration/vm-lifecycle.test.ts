@@ -8,6 +8,7 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import {
   CLI,
+  consoleRun,
   getInstance,
   op,
   startTestDaemon,
@@ -51,21 +52,7 @@ describe('VM lifecycle with real QEMU (TCG)', () => {
   });
 
   it('answers on the interactive console (websocket)', async () => {
-    const ws = t.d.api.websocket('/api/v1/instances/web1/console');
-    let got = '';
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no echo; got: ${got.slice(-500)}`)), 30_000);
-      ws.on('open', () => ws.send('echo hf-$((6*7))-ok\n'));
-      ws.on('message', (b: Buffer) => {
-        got += b.toString();
-        if (got.includes('hf-42-ok')) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-      ws.on('error', reject);
-    });
-    ws.close();
+    const got = await consoleRun(t.d.api, 'web1', 'echo hf-$((6*7))-ok', 30_000);
     assert.match(got, /hf-42-ok/);
   });
 
