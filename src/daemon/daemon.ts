@@ -125,7 +125,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   await networks.start().catch((e) => log.error('networking unavailable', { error: (e as Error).message }));
   const reconciled = await instances.reconcile({ hostBooted });
   await networks.reconcileInstances().catch((e) => log.error('network reconcile failed', { error: (e as Error).message }));
-  if (reconciled.attached.length || reconciled.lost.length) log.info('reconciled instances', reconciled);
+  if (reconciled.attached.length || reconciled.lost.length || reconciled.resumed.length || reconciled.orphans.length) log.info('reconciled instances', { ...reconciled });
 
   const services: ApiServices = {
     instances,

@@ -2,7 +2,8 @@
 // QEMU (drivers/qemu) implements it for virtual machines; runc (drivers/container) for system
 // containers. Services never reach past it.
 import type { ImageRecord } from '../core/model/image.js';
-import type { DiskConfig, Instance, InstanceConfig, InstanceType, NicConfig, RuntimeInfo } from '../core/model/instance.js';
+import type { CreateInstance, DiskConfig, Instance, InstanceConfig, InstanceType, NicConfig, RuntimeInfo } from '../core/model/instance.js';
+import type { UndoStack } from '../util/undo.js';
 
 /** Files a driver may use for one instance: all under the instance's own directory. */
 export interface InstancePaths {
@@ -106,8 +107,17 @@ export interface ExecSession {
   resize?(cols: number, rows: number): void;
 }
 
+/** A disk as a create request gives it: `size` for a new blank disk, or `path` of an existing file. */
+export type DiskRequest = CreateInstance['disks'][number];
+
 export interface StartContext {
   paths: InstancePaths;
+  /**
+   * The caller's undo stack: a driver registers the undo of every step that changed the world
+   * (a spawned hypervisor…), so a failure after the driver returned (recording the start) still
+   * takes it back. Without one the driver unwinds its own steps when it fails.
+   */
+  undo?: UndoStack;
   /** Progress callback for long starts (percent 0-100, message). */
   progress?: (percent: number, message: string) => void;
   /** The kernel's OOM killer killed processes of this instance (containers: cgroup oom_kill counter). */
@@ -118,9 +128,11 @@ export interface InstanceDriver {
   readonly type: InstanceType;
   /**
    * At create, after the instance directory exists: prepare what the instance needs from its
-   * image (a container's root filesystem…). The service removes the directory if create fails.
+   * image (a container's root filesystem, a VM's disks…) and the request's disks (VMs: a size
+   * makes a blank disk, a path names an existing file). The service removes the directory if
+   * create fails.
    */
-  provision?(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance>;
+  provision?(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void, disks?: DiskRequest[]): Promise<Instance>;
   /** Checks that this host can run the instance (binary present, accelerator usable…). */
   check(instance: Instance): Promise<void>;
   /** Starts the instance and resolves once the hypervisor reports it running. */

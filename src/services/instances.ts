@@ -3,38 +3,38 @@
 // Route handlers only translate HTTP to calls here.
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { rm, stat, open, truncate } from 'node:fs/promises';
-import { mkdirSync, statSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { HfError, toHfError } from '../core/errors.js';
-import { checkAction, decideOnExit, isActive, restartBackoffMs, type Action } from '../core/lifecycle.js';
+import { checkAction, isActive, type Action } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
-  instanceSchema,
-  nameSchema,
   updateInstanceSchema,
   type CreateInstance,
-  type DiskConfig,
   type Instance,
   type InstanceConfig,
   type InstanceState,
   type InstanceType,
 } from '../core/model/instance.js';
+import type { ImageRecord } from '../core/model/image.js';
 import type { Operation } from '../core/model/operation.js';
 import { checkCanCommit, checkFitsHost, type HostCapacity, type OvercommitPolicy } from '../core/resources.js';
-import { parseSize } from '../core/units.js';
 import { parseInput } from '../core/validate.js';
-import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, InstancePaths } from '../drivers/driver.js';
-import { Collection, type Versioned } from '../state/collection.js';
+import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult } from '../drivers/driver.js';
+import type { Versioned } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
-import { QemuImg } from '../storage/qemu-img.js';
-import { createLinkedClone } from '../storage/overlay.js';
+import { failpoint } from '../util/failpoint.js';
 import type { Logger } from '../util/log.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { UndoStack } from '../util/undo.js';
 import type { EventBus } from './events.js';
 import type { ImageService } from './images.js';
 import type { InstanceExtension } from './extensions.js';
+import { readConsoleTail, trimConsoleLog } from './instances/console.js';
+import { pickConfig, planUpdate } from './instances/update.js';
+import { InstanceRecords } from './instances/records.js';
+import { Supervisor, type ReconcileResult } from './instances/supervisor.js';
 import type { OperationContext, OperationManager } from './operations.js';
 
 export interface InstanceServiceDeps {
@@ -50,32 +50,39 @@ export interface InstanceServiceDeps {
   overcommit: OvercommitPolicy;
   stopTimeoutMs: number;
   consoleLogMaxBytes: number;
-  qemuImg?: QemuImg;
   /** Areas that attach host resources to instances (networks, volumes). */
   extensions?: InstanceExtension[];
 }
 
 
 
+/** How long a stop waits for the exit handler to record the instance stopped (cleanup, extensions' afterStop). */
+const EXIT_RECORD_TIMEOUT_MS = 30_000;
+
 export class InstanceService {
-  private readonly records: Collection<Instance>;
-  private readonly handles = new Map<string, InstanceHandle>();
-  /** Instances whose current exit was asked for by a user (no restart policy then). */
-  private readonly stopping = new Set<string>();
-  private readonly restartTimers = new Map<string, NodeJS.Timeout>();
+  private readonly records: InstanceRecords;
+  private readonly supervisor: Supervisor;
   private readonly locks = new KeyedMutex();
-  private readonly qemuImg: QemuImg;
-  private closed = false;
 
   constructor(private readonly d: InstanceServiceDeps) {
-    this.records = new Collection<Instance>(d.store, '/instances/', instanceSchema);
-    this.qemuImg = d.qemuImg ?? new QemuImg();
+    this.records = new InstanceRecords(d.store, d.events);
+    this.supervisor = new Supervisor({
+      records: this.records,
+      driver: (type) => this.driver(type),
+      paths: (name) => this.paths(name),
+      extensions: () => this.extensions,
+      events: d.events,
+      log: d.log,
+      hostName: d.hostName,
+      instancesDir: d.instancesDir,
+      start: (name) => this.action(name, 'start'),
+    });
   }
 
   // ---- queries -------------------------------------------------------------------------------
 
   async list(): Promise<Instance[]> {
-    return (await this.records.list()).map((v) => v.value);
+    return this.records.list();
   }
 
   async get(name: string): Promise<Instance> {
@@ -85,7 +92,7 @@ export class InstanceService {
   /** What the hypervisor reports about a running instance right now (balloon, cgroup usage…). */
   async liveInfo(name: string): Promise<Record<string, unknown> | undefined> {
     await this.load(name);
-    const h = this.handles.get(name);
+    const h = this.supervisor.handle(name);
     if (!h?.liveInfo) return undefined;
     try {
       return await h.liveInfo();
@@ -105,7 +112,7 @@ export class InstanceService {
   async create(body: unknown): Promise<Instance> {
     const req = parseInput(createInstanceSchema, body);
     const driver = this.driver(req.type);
-    if (await this.records.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
+    if (await this.records.collection.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
 
     return this.locks.run(req.name, 'create', () =>
       UndoStack.run(async (undo) => {
@@ -123,7 +130,8 @@ export class InstanceService {
         undo.add('remove instance directory', () => rm(paths.dir, { recursive: true, force: true }));
 
         const given = typeof body === 'object' && body !== null ? (body as Record<string, unknown>) : {};
-        const config = await this.buildConfig(req, paths.dir, { vcpus: given.vcpus !== undefined, memory: given.memory !== undefined });
+        const image = req.image ? await this.d.images.get(req.image) : undefined;
+        const config = this.buildConfig(req, image, { vcpus: given.vcpus !== undefined, memory: given.memory !== undefined });
         const now = new Date().toISOString();
         let inst: Instance = {
           id: randomUUID(),
@@ -141,13 +149,16 @@ export class InstanceService {
           createdAt: now,
           updatedAt: now,
         };
-        if (driver.provision) inst = await driver.provision(inst, req.image ? await this.d.images.get(req.image) : undefined, paths);
+        // The driver makes what the instance needs from its image and the request (a VM's disks, a container's root filesystem).
+        if (req.disks.length > 0 && req.type !== 'vm') throw new HfError('HF_ERR_UNSUPPORTED', `${req.type}s take no disks at create: attach a storage volume instead`);
+        if (driver.provision) inst = await driver.provision(inst, image, paths, undefined, req.disks);
         for (const ext of this.extensions) if (ext.onCreate) inst = await ext.onCreate(req, inst, undo);
         if (req.nics.length > 0 && inst.config.nics.length === 0) {
           throw new HfError('HF_ERR_UNSUPPORTED', 'networking is not available on this host: cannot attach NICs');
         }
         await driver.check(inst);
-        const created = await this.records.create(inst.name, inst);
+        failpoint('launch.before-record');
+        const created = await this.records.collection.create(inst.name, inst);
         this.d.events.publish('instance.created', { name: inst.name, type: inst.type });
         this.d.log.info('instance created', { name: inst.name, id: inst.id });
         return created.value;
@@ -155,13 +166,12 @@ export class InstanceService {
     );
   }
 
-  private async buildConfig(req: CreateInstance, dir: string, explicit: { vcpus: boolean; memory: boolean }): Promise<InstanceConfig> {
+  /** The config of a new instance from the request and its image's defaults (pure; disks come from the driver's provision). */
+  private buildConfig(req: CreateInstance, img: ImageRecord | undefined, explicit: { vcpus: boolean; memory: boolean }): InstanceConfig {
     let boot = req.boot;
-    const disks: DiskConfig[] = [];
     let vcpus = req.vcpus;
     let memoryMiB = req.memory;
-    if (req.image) {
-      const img = await this.d.images.get(req.image);
+    if (img) {
       // An image may carry defaults (from an OVF, or the instance it was published from).
       // (only where they fit under ceilings the user gave)
       const dv = img.defaults.vcpus;
@@ -170,26 +180,6 @@ export class InstanceService {
       if (!explicit.memory && dm && (req.maxMemory === undefined || dm <= req.maxMemory)) memoryMiB = dm;
       if (img.type !== req.type) throw new HfError('HF_ERR_VALIDATION', `image "${img.name}" is for ${img.type}s, not ${req.type}s`);
       boot ??= img.boot;
-      if (img.disk) {
-        const root = join(dir, 'root.qcow2');
-        await createLinkedClone(root, img.disk.path, img.disk.format, this.qemuImg);
-        disks.push({ name: 'root', path: root, format: 'qcow2', media: 'disk', readonly: false });
-      }
-    }
-    for (const d of req.disks) {
-      if (disks.some((x) => x.name === d.name)) throw new HfError('HF_ERR_VALIDATION', `disk name "${d.name}" is used twice`);
-      let path = d.path ?? '';
-      if (d.size !== undefined) {
-        path = join(dir, `${d.name}.${d.format ?? 'qcow2'}`);
-        await this.qemuImg.createBlank(path, parseSize(d.size, `disk ${d.name} size`), d.format ?? 'qcow2');
-      } else {
-        try {
-          await stat(path);
-        } catch {
-          throw new HfError('HF_ERR_VALIDATION', `disk ${d.name}: ${path} does not exist`);
-        }
-      }
-      disks.push({ name: d.name, path, format: d.format ?? 'qcow2', media: d.media ?? 'disk', bus: d.bus, readonly: d.readonly ?? d.media === 'cdrom', volume: d.volume });
     }
     if (!boot && req.type === 'vm') throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
     // Containers boot their image's init; the boot field is unused for them.
@@ -200,7 +190,7 @@ export class InstanceService {
       maxVcpus: req.maxVcpus,
       memoryMiB,
       maxMemoryMiB: req.maxMemory,
-      disks,
+      disks: [],
       nics: [],
       boot,
       accel: req.accel,
@@ -210,21 +200,6 @@ export class InstanceService {
       privileged: req.privileged,
       pidsLimit: req.pidsLimit,
     };
-  }
-
-  private get extensions(): InstanceExtension[] {
-    return this.d.extensions ?? [];
-  }
-
-  private async runAfterStop(inst: Instance): Promise<void> {
-    for (const ext of this.extensions) {
-      if (!ext.afterStop) continue;
-      try {
-        await ext.afterStop(inst);
-      } catch (e) {
-        this.d.log.warn('afterStop hook failed', { name: inst.name, extension: ext.name, error: (e as Error).message });
-      }
-    }
   }
 
   /** Create then (optionally) start, as one operation. */
@@ -261,37 +236,35 @@ export class InstanceService {
       checkFitsHost({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, this.d.capacity());
 
       const running = isActive(cur.state);
-      const handle = this.handles.get(name);
-      let live: { applied: string[]; pending: string[]; notes: string[] } = { applied: [], pending: [], notes: [] };
+      const undo = new UndoStack(this.d.log);
+      let live: LiveChangeResult = { applied: [], pending: [], notes: [] };
       if (running && Object.keys(next).length > 0) {
         // Growing a running instance commits more of the host now.
         checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.committed(name), this.d.capacity(), this.d.overcommit);
-        if (handle?.applyLive) live = await handle.applyLive(next, cur.config);
-        else live = { applied: [], pending: Object.keys(next), notes: [`${cur.type} driver applies changes at the next start`] };
+        const handle = this.supervisor.handle(name);
+        if (handle?.applyLive) {
+          live = await handle.applyLive(next, cur.config);
+          // The guest changed before the record: if the write fails, the guest goes back.
+          const revert = pickConfig(cur.config, live.applied);
+          if (Object.keys(revert).length > 0) {
+            const changed = { ...cur.config, ...pickConfig(next, live.applied) };
+            undo.add('revert the live change', async () => void (await handle.applyLive!(revert, changed)));
+          }
+        } else live = { applied: [], pending: Object.keys(next), notes: [`${cur.type} driver applies changes at the next start`] };
       }
 
-      const applied: string[] = [];
-      const pending: string[] = [];
-      const updated = await this.records.update(name, (r) => {
-        const out: Instance = { ...r, config: { ...r.config }, pending: { ...r.pending }, updatedAt: new Date().toISOString() };
-        // Policies and metadata apply at once, whatever the state.
-        if (patch.restartPolicy !== undefined) { out.config.restartPolicy = patch.restartPolicy; applied.push('restartPolicy'); }
-        if (patch.autostart !== undefined) { out.config.autostart = patch.autostart; applied.push('autostart'); }
-        if (patch.description !== undefined) { out.description = patch.description; applied.push('description'); }
-        for (const [k, v] of Object.entries(next) as Array<[keyof InstanceConfig, unknown]>) {
-          if (running && !live.applied.includes(k)) {
-            (out.pending as Record<string, unknown>)[k] = v;
-            pending.push(k);
-          } else {
-            (out.config as Record<string, unknown>)[k] = v;
-            delete (out.pending as Record<string, unknown>)[k];
-            applied.push(k);
-          }
-        }
-        return out;
-      });
-      this.d.events.publish('instance.updated', { name, applied, pending });
-      return { instance: updated.value, applied, pending, notes: live.notes };
+      // What goes where is decided once, here: the write below may run its callback several times.
+      const plan = planUpdate(patch, next, running, live.applied);
+      let updated: Versioned<Instance>;
+      try {
+        updated = await this.records.collection.update(name, (r) => plan.apply(r));
+      } catch (e) {
+        await undo.unwind();
+        throw e;
+      }
+      undo.commit();
+      this.d.events.publish('instance.updated', { name, applied: plan.applied, pending: plan.pending });
+      return { instance: updated.value, applied: plan.applied, pending: plan.pending, notes: live.notes };
     });
   }
 
@@ -331,15 +304,15 @@ export class InstanceService {
     return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
       this.locks.run(name, 'delete', async () => {
         const cur = (await this.load(name)).value;
-        if (isActive(cur.state) || this.handles.has(name)) {
+        if (isActive(cur.state) || this.supervisor.handle(name)) {
           if (!opts.force) checkAction(name, cur.state, 'delete');
           await this.doStop(name, ctx, { force: true });
         }
-        this.cancelRestart(name);
+        this.supervisor.cancelRestart(name);
         const after = (await this.load(name)).value;
         await this.driver(after.type).cleanup(after, this.paths(name));
         for (const ext of this.extensions) if (ext.onDelete) await ext.onDelete(after);
-        await this.records.delete(name);
+        await this.records.collection.delete(name);
         await rm(this.paths(name).dir, { recursive: true, force: true });
         this.d.events.publish('instance.deleted', { name });
         this.d.log.info('instance deleted', { name });
@@ -353,7 +326,7 @@ export class InstanceService {
     const mark = (what: string) => (marks[what] = Math.round((performance.now() - t0) * 10) / 10);
     const cur = (await this.load(name)).value;
     checkAction(name, cur.state, 'start');
-    this.cancelRestart(name);
+    this.supervisor.cancelRestart(name);
     // Pending changes apply now.
     const config: InstanceConfig = { ...cur.config, ...cur.pending };
     const committed = await this.committed(name);
@@ -361,8 +334,9 @@ export class InstanceService {
     const driver = this.driver(cur.type);
     mark('admitted');
     let starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
+    failpoint('launch.after-record');
     const paths = this.paths(name);
-    await this.trimConsoleLog(paths.consoleLog);
+    await trimConsoleLog(paths.consoleLog, this.d.consoleLogMaxBytes);
     mark('recorded');
     const undo = new UndoStack(this.d.log);
     let handle: InstanceHandle;
@@ -377,8 +351,16 @@ export class InstanceService {
       if (JSON.stringify(starting.config) !== before) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
       mark('checked');
       ctx.progress(10, 'starting hypervisor');
-      handle = await driver.start(starting, { paths, progress: (p, m) => ctx.progress(10 + p * 0.9, m), onOom: (o) => this.d.events.publish('instance.oom', { name, ...o }) });
+      // The driver registers the undo of what it made (QEMU killed, sockets removed) on our stack.
+      const started = await driver.start(starting, { ...this.supervisor.startContext(name), undo, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
+      handle = started;
+      undo.add('stop the new instance', async () => {
+        await started.kill();
+        started.detach();
+      });
       mark('running');
+      failpoint('launch.before-running');
+      await this.setState(name, 'running', (r) => ({ ...r, runtime: started.runtime }));
       undo.commit();
     } catch (e) {
       await undo.unwind();
@@ -387,8 +369,7 @@ export class InstanceService {
       await driver.cleanup(starting, paths).catch(() => undefined);
       throw err;
     }
-    await this.setState(name, 'running', (r) => ({ ...r, runtime: handle.runtime }));
-    this.supervise(name, handle);
+    this.supervisor.supervise(name, handle);
     mark('done');
     this.d.log.info('instance started', { name, pid: handle.runtime.pid, accel: handle.runtime.accel, ms: marks });
     return { state: 'running' };
@@ -396,15 +377,14 @@ export class InstanceService {
 
   private async doStop(name: string, ctx: OperationContext, opts: { force?: boolean; timeoutMs?: number }): Promise<{ state: InstanceState }> {
     const cur = (await this.load(name)).value;
-    this.cancelRestart(name);
-    const handle = this.handles.get(name);
+    this.supervisor.cancelRestart(name);
+    const handle = this.supervisor.handle(name);
     if (!handle) {
       // Nothing runs: the record may say otherwise after a failure; converge it.
       if (cur.state !== 'stopped') await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined }));
       return { state: 'stopped' };
     }
-    this.stopping.add(name);
-    try {
+    await this.supervisor.whileStopping(name, async () => {
       await this.setState(name, 'stopping', (r) => ({ ...r, desired: 'stopped' }));
       if (!opts.force) {
         const timeoutMs = opts.timeoutMs ?? this.d.stopTimeoutMs;
@@ -423,11 +403,9 @@ export class InstanceService {
       }
       await handle.kill();
       await handle.exited;
-      // the exit handler records the final state; wait for it so the operation ends consistent
-      await this.waitForState(name, ['stopped', 'crashed'], 5000);
-    } finally {
-      this.stopping.delete(name);
-    }
+      // The exit handler records the final state; wait for it so the operation ends consistent.
+      await this.records.waitForState(name, ['stopped', 'crashed'], EXIT_RECORD_TIMEOUT_MS);
+    });
     return { state: 'stopped' };
   }
 
@@ -442,118 +420,11 @@ export class InstanceService {
     return { state };
   }
 
-  // ---- supervision -------------------------------------------------------------------------------
+  // ---- supervision (instances/supervisor.ts) -----------------------------------------------------
 
-  /** Watches a live handle: its exit records the new state and applies the restart policy. */
-  private supervise(name: string, handle: InstanceHandle): void {
-    this.handles.set(name, handle);
-    void handle.exited.then((exit) => this.onExit(name, handle, exit));
-  }
-
-  private async onExit(name: string, handle: InstanceHandle, exit: ExitInfo): Promise<void> {
-    if (this.handles.get(name) !== handle) return;
-    this.handles.delete(name);
-    handle.detach();
-    if (this.closed) return;
-    const requested = this.stopping.has(name);
-    let rec: Versioned<Instance> | undefined;
-    try {
-      rec = await this.records.get(name);
-    } catch (e) {
-      this.d.log.error('cannot read instance after exit', { name, error: (e as Error).message });
-    }
-    if (!rec) return;
-    const inst = rec.value;
-    const decision = decideOnExit({ clean: exit.clean || requested, requestedStop: requested, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
-    await this.driver(inst.type).cleanup(inst, this.paths(name)).catch(() => undefined);
-    await this.runAfterStop(inst);
-    await this.setState(name, decision.state, (r) => ({
-      ...r,
-      runtime: undefined,
-      desired: decision.restart ? 'running' : 'stopped',
-      lastExit: { at: new Date().toISOString(), reason: exit.reason, clean: exit.clean },
-      restartCount: decision.restart ? r.restartCount + 1 : r.restartCount,
-    }));
-    this.d.log.info('instance exited', { name, clean: exit.clean, reason: exit.reason, state: decision.state, restart: decision.restart });
-    if (decision.state === 'crashed') this.d.events.publish('instance.crashed', { name, reason: exit.reason });
-    if (decision.restart) this.scheduleRestart(name, inst.restartCount);
-  }
-
-  private scheduleRestart(name: string, restartCount: number): void {
-    this.cancelRestart(name);
-    const delay = restartBackoffMs(restartCount);
-    const timer = setTimeout(() => {
-      this.restartTimers.delete(name);
-      void this.action(name, 'start').catch((e) => this.d.log.warn('automatic restart refused', { name, error: (e as Error).message }));
-    }, delay);
-    timer.unref();
-    this.restartTimers.set(name, timer);
-    this.d.log.info('restart scheduled by policy', { name, delayMs: delay });
-  }
-
-  private cancelRestart(name: string): void {
-    const t = this.restartTimers.get(name);
-    if (t) clearTimeout(t);
-    this.restartTimers.delete(name);
-  }
-
-  /**
-   * Re-attaches to every instance of this host that the store says is active (after a daemon
-   * restart, including a SIGKILL); instances whose process is gone are marked and the restart
-   * policy applies. Autostart instances start when the host has booted since we last ran.
-   */
-  async reconcile(opts: { hostBooted: boolean }): Promise<{ attached: string[]; lost: string[]; autostarted: string[] }> {
-    const attached: string[] = [];
-    const lost: string[] = [];
-    const autostarted: string[] = [];
-    for (const inst of await this.list()) {
-      if (inst.host !== this.d.hostName) continue;
-      if (this.handles.has(inst.name)) continue;
-      if (isActive(inst.state)) {
-        const driver = this.driver(inst.type);
-        let handle: InstanceHandle | null = null;
-        try {
-          handle = await driver.attach(inst, { paths: this.paths(inst.name), onOom: (o) => this.d.events.publish('instance.oom', { name: inst.name, ...o }) });
-        } catch (e) {
-          this.d.log.warn('re-attach failed', { name: inst.name, error: (e as Error).message });
-        }
-        if (handle) {
-          const observed = await handle.observe().catch(() => 'running' as const);
-          const state: InstanceState = observed === 'paused' ? 'paused' : observed === 'running' ? 'running' : 'stopped';
-          // A stop or start that was in flight when the daemon died converges to what the guest does now.
-          await this.setState(inst.name, state, (r) => ({ ...r, runtime: handle!.runtime }));
-          this.supervise(inst.name, handle);
-          attached.push(inst.name);
-          continue;
-        }
-        lost.push(inst.name);
-        const wasStopping = inst.state === 'stopping' || inst.desired === 'stopped';
-        await this.onExitOfLost(inst, wasStopping);
-        continue;
-      }
-      if (inst.state === 'starting' || inst.state === 'stopping') {
-        await this.setState(inst.name, 'stopped', (r) => ({ ...r, runtime: undefined }));
-      }
-      if (opts.hostBooted && inst.config.autostart && !isActive(inst.state)) {
-        autostarted.push(inst.name);
-        void this.action(inst.name, 'start').catch((e) => this.d.log.warn('autostart failed', { name: inst.name, error: (e as Error).message }));
-      }
-    }
-    return { attached, lost, autostarted };
-  }
-
-  private async onExitOfLost(inst: Instance, wasStopping: boolean): Promise<void> {
-    const decision = decideOnExit({ clean: wasStopping, requestedStop: wasStopping, policy: inst.config.restartPolicy, restartCount: inst.restartCount });
-    await this.driver(inst.type).cleanup(inst, this.paths(inst.name)).catch(() => undefined);
-    await this.runAfterStop(inst);
-    await this.setState(inst.name, decision.state, (r) => ({
-      ...r,
-      runtime: undefined,
-      lastExit: { at: new Date().toISOString(), reason: 'process was gone when the daemon started', clean: wasStopping },
-      restartCount: decision.restart ? r.restartCount + 1 : r.restartCount,
-    }));
-    if (decision.state === 'crashed') this.d.events.publish('instance.crashed', { name: inst.name, reason: 'process was gone when the daemon started' });
-    if (decision.restart) this.scheduleRestart(inst.name, inst.restartCount);
+  /** See Supervisor.reconcile: re-attach, converge interrupted starts, mark lost guests. */
+  reconcile(opts: { hostBooted: boolean }): Promise<ReconcileResult> {
+    return this.supervisor.reconcile(opts);
   }
 
   // ---- console -----------------------------------------------------------------------------------
@@ -566,59 +437,12 @@ export class InstanceService {
   /** The tail of the bounded console log (at most `maxBytes`). */
   async consoleLog(name: string, maxBytes = 256 * 1024): Promise<string> {
     await this.load(name);
-    const file = this.paths(name).consoleLog;
-    let fh;
-    try {
-      fh = await open(file, 'r');
-    } catch {
-      return '';
-    }
-    try {
-      const { size } = await fh.stat();
-      const len = Math.min(size, maxBytes);
-      const buf = Buffer.alloc(len);
-      await fh.read(buf, 0, len, size - len);
-      return buf.toString('utf8');
-    } finally {
-      await fh.close();
-    }
-  }
-
-  /**
-   * Keeps the console log bounded: QEMU appends to it (O_APPEND) even while the daemon is down;
-   * when it grows past the cap we keep the newest half.
-   */
-  async trimConsoleLog(file: string): Promise<void> {
-    // The usual answer (missing or small) without a trip through the thread pool: this is on the start path.
-    let size: number;
-    try {
-      size = statSync(file).size;
-    } catch {
-      return;
-    }
-    if (size <= this.d.consoleLogMaxBytes) return;
-    let fh;
-    try {
-      fh = await open(file, 'r+');
-    } catch {
-      return;
-    }
-    try {
-      const { size } = await fh.stat();
-      if (size <= this.d.consoleLogMaxBytes) return;
-      const keep = Math.floor(this.d.consoleLogMaxBytes / 2);
-      const buf = Buffer.alloc(keep);
-      await fh.read(buf, 0, keep, size - keep);
-      await truncate(file, 0);
-      await fh.write(buf, 0, keep, 0);
-    } finally {
-      await fh.close();
-    }
+    return readConsoleTail(this.paths(name).consoleLog, maxBytes);
   }
 
   /** Trims every running instance's console log; called periodically by the daemon. */
   async trimConsoleLogs(): Promise<void> {
-    for (const name of this.handles.keys()) await this.trimConsoleLog(this.paths(name).consoleLog).catch(() => undefined);
+    for (const name of this.supervisor.names()) await trimConsoleLog(this.paths(name).consoleLog, this.d.consoleLogMaxBytes).catch(() => undefined);
   }
 
   // ---- for other services (network, storage, live changes) -------------------------------------
@@ -629,12 +453,12 @@ export class InstanceService {
    */
   async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>): Promise<T> {
     await this.load(name);
-    return this.locks.run(name, what, async () => fn((await this.load(name)).value, this.handles.get(name)));
+    return this.locks.run(name, what, async () => fn((await this.load(name)).value, this.supervisor.handle(name)));
   }
 
   /** Compare-and-swap update of an instance record (call inside withInstance). */
   async patch(name: string, fn: (r: Instance) => Instance): Promise<Instance> {
-    const v = await this.records.update(name, (r) => ({ ...fn(r), updatedAt: new Date().toISOString() }));
+    const v = await this.records.collection.update(name, (r) => ({ ...fn(r), updatedAt: new Date().toISOString() }));
     this.d.events.publish('instance.updated', { name });
     return v.value;
   }
@@ -648,19 +472,19 @@ export class InstanceService {
 
   /** Detaches from every live guest without stopping any (daemon shutdown). */
   async close(): Promise<void> {
-    this.closed = true;
-    for (const t of this.restartTimers.values()) clearTimeout(t);
-    this.restartTimers.clear();
-    for (const h of this.handles.values()) h.detach();
-    this.handles.clear();
+    this.supervisor.close();
   }
 
   handle(name: string): InstanceHandle | undefined {
-    return this.handles.get(name);
+    return this.supervisor.handle(name);
+  }
+
+  private get extensions(): InstanceExtension[] {
+    return this.d.extensions ?? [];
   }
 
   private requireHandle(name: string): InstanceHandle {
-    const h = this.handles.get(name);
+    const h = this.supervisor.handle(name);
     if (!h) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance "${name}" is not running`);
     return h;
   }
@@ -671,31 +495,12 @@ export class InstanceService {
     return d;
   }
 
-  private async load(name: string): Promise<Versioned<Instance>> {
-    const parsed = nameSchema.safeParse(name);
-    if (!parsed.success) throw new HfError('HF_ERR_INVALID_NAME', `"${name}" is not a valid instance name`);
-    const v = await this.records.get(name);
-    if (!v) throw new HfError('HF_ERR_INSTANCE_NOT_FOUND', `instance "${name}" not found`);
-    return v;
+  private load(name: string): Promise<Versioned<Instance>> {
+    return this.records.load(name);
   }
 
-  private async setState(name: string, state: InstanceState, fn: (r: Instance) => Instance = (r) => r): Promise<Instance> {
-    let prev: InstanceState | undefined;
-    const v = await this.records.update(name, (r) => {
-      prev = r.state;
-      return { ...fn(r), state, updatedAt: new Date().toISOString() };
-    });
-    if (prev !== state) this.d.events.publish('instance.state', { name, state, previous: prev });
-    return v.value;
-  }
-
-  private async waitForState(name: string, states: InstanceState[], timeoutMs: number): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    while (Date.now() < deadline) {
-      const v = await this.records.get(name);
-      if (!v || states.includes(v.value.state)) return;
-      await sleep(20);
-    }
+  private setState(name: string, state: InstanceState, fn?: (r: Instance) => Instance): Promise<Instance> {
+    return this.records.setState(name, state, fn);
   }
 
   /** vCPUs and memory committed by this host's active instances, other than `except`. */
@@ -714,4 +519,3 @@ export class InstanceService {
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
-

@@ -10,6 +10,7 @@ import { lchown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/p
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { HfError } from '../../core/errors.js';
+import { failpoint } from '../../util/failpoint.js';
 import type { ImageRecord } from '../../core/model/image.js';
 import type { Instance, InstanceConfig, RuntimeInfo } from '../../core/model/instance.js';
 import { extractRootfsArchive } from '../../images/container/tar.js';
@@ -349,6 +350,7 @@ export class ContainerDriver implements InstanceDriver {
       await this.runc.delete(id, true);
       throw new HfError('HF_ERR_HYPERVISOR', `the container's init (pid ${pid}) exited at once: see \`hyperfold console ${instance.name} --log\``);
     }
+    failpoint('launch.after-spawn');
     if (netns) {
       try {
         await transplantNetns(netns, pid);

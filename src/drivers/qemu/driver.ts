@@ -10,7 +10,12 @@ import { HfError } from '../../core/errors.js';
 import type { DiskConfig, Instance, InstanceConfig, RuntimeInfo } from '../../core/model/instance.js';
 import type { Logger } from '../../util/log.js';
 import { which } from '../../util/exec.js';
-import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult, ObservedState, StartContext } from '../driver.js';
+import type { ImageRecord } from '../../core/model/image.js';
+import { QemuImg } from '../../storage/qemu-img.js';
+import { failpoint } from '../../util/failpoint.js';
+import { UndoStack } from '../../util/undo.js';
+import type { ConsoleAttachment, DiskRequest, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult, ObservedState, StartContext } from '../driver.js';
+import { provisionVmDisks } from './provision.js';
 import { resolveAccel, type AccelVerdict } from './accel.js';
 import { buildQemuArgv } from './argv.js';
 import { hotplugDisk, resizeDiskLive, unplugDisk } from './block.js';
@@ -34,6 +39,8 @@ export interface QemuDriverOptions {
    * in a short runtime directory keyed by instance id rather than in the instance directory.
    */
   runDir?: string;
+  /** Creates disk images at provision (blank disks, overlays qemu-img must write). */
+  qemuImg?: QemuImg;
 }
 
 export const DEFAULT_RUN_DIR = '/run/hyperfold';
@@ -63,7 +70,11 @@ export class QemuDriver implements InstanceDriver {
   /** Starts QEMU without forking the daemon (see util/spawner.ts). */
   private readonly spawner = new Spawner();
 
-  constructor(private readonly opts: QemuDriverOptions) {}
+  private readonly qemuImg: QemuImg;
+
+  constructor(private readonly opts: QemuDriverOptions) {
+    this.qemuImg = opts.qemuImg ?? new QemuImg();
+  }
 
   async check(instance: Instance): Promise<void> {
     if (!this.binaryChecked) {
@@ -99,7 +110,30 @@ export class QemuDriver implements InstanceDriver {
     }
   }
 
+  /** The VM's disks from its image and the create request (provision.ts). */
+  provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, _progress?: (percent: number, message: string) => void, disks: DiskRequest[] = []): Promise<Instance> {
+    return provisionVmDisks(instance, image, paths, disks, this.qemuImg);
+  }
+
+  /**
+   * Spawns QEMU and resolves once the guest runs. Every step after the spawn can fail (QMP, a
+   * failpoint, the caller recording the start): the QEMU is killed and its sockets removed then,
+   * through the caller's undo stack when it gives one (ctx.undo), else through our own.
+   */
   async start(instance: Instance, ctx: StartContext): Promise<InstanceHandle> {
+    const own = ctx.undo ? undefined : new UndoStack(this.opts.log);
+    const undo = ctx.undo ?? own!;
+    try {
+      const handle = await this.spawn(instance, ctx, undo);
+      own?.commit();
+      return handle;
+    } catch (e) {
+      await own?.unwind();
+      throw e;
+    }
+  }
+
+  private async spawn(instance: Instance, ctx: StartContext, undo: UndoStack): Promise<InstanceHandle> {
     const f = files(ctx.paths, this.sockDir(instance));
     // Quick syscalls on the start path: synchronous, not trips through the thread pool.
     mkdirSync(f.sockDir, { recursive: true, mode: 0o700 });
@@ -126,7 +160,14 @@ export class QemuDriver implements InstanceDriver {
     });
     ctx.progress?.(20, `spawning QEMU (${accel})`);
     const log = new QmpLog({ file: f.qmpLog });
+    // Registered before the spawn: a QEMU that fails to start leaves its socket files too.
+    undo.add('remove QEMU sockets and pid file', () => this.cleanup(instance, ctx.paths));
     const proc = await QemuProcess.spawn(this.opts.binary, argv, { qmpSocket: f.qmpSocket, stderrLog: f.stderrLog }, log, this.opts.startTimeoutMs, this.spawner);
+    undo.add('kill QEMU', async () => {
+      await proc.kill();
+      proc.detach();
+    });
+    failpoint('launch.after-spawn');
     const runtime: RuntimeInfo = {
       pid: proc.pid,
       pidStartTime: proc.startTime,
