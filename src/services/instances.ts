@@ -2,7 +2,6 @@
 // checks state and resources, runs the driver, records state in the store and publishes events.
 // Route handlers only translate HTTP to calls here.
 import { randomUUID } from 'node:crypto';
-import { performance } from 'node:perf_hooks';
 import { rm } from 'node:fs/promises';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,7 +13,6 @@ import {
   type CreateInstance,
   type Instance,
   type InstanceConfig,
-  type InstanceState,
   type InstanceType,
 } from '../core/model/instance.js';
 import type { ImageRecord } from '../core/model/image.js';
@@ -34,8 +32,9 @@ import type { InstanceExtension } from './extensions.js';
 import { readConsoleTail, trimConsoleLog } from './instances/console.js';
 import { pickConfig, planUpdate } from './instances/update.js';
 import { InstanceRecords } from './instances/records.js';
+import { InstanceRunner } from './instances/runner.js';
 import { Supervisor, type ReconcileResult } from './instances/supervisor.js';
-import type { OperationContext, OperationManager } from './operations.js';
+import type { OperationManager } from './operations.js';
 
 export interface InstanceServiceDeps {
   store: StateStore;
@@ -56,12 +55,10 @@ export interface InstanceServiceDeps {
 
 
 
-/** How long a stop waits for the exit handler to record the instance stopped (cleanup, extensions' afterStop). */
-const EXIT_RECORD_TIMEOUT_MS = 30_000;
-
 export class InstanceService {
   private readonly records: InstanceRecords;
   private readonly supervisor: Supervisor;
+  private readonly runner: InstanceRunner;
   private readonly locks = new KeyedMutex();
 
   constructor(private readonly d: InstanceServiceDeps) {
@@ -77,6 +74,7 @@ export class InstanceService {
       instancesDir: d.instancesDir,
       start: (name) => this.action(name, 'start'),
     });
+    this.runner = new InstanceRunner({ ...d, records: this.records, supervisor: this.supervisor, driver: (type) => this.driver(type), paths: (name) => this.paths(name), extensions: () => this.extensions });
   }
 
   // ---- queries -------------------------------------------------------------------------------
@@ -240,7 +238,7 @@ export class InstanceService {
       let live: LiveChangeResult = { applied: [], pending: [], notes: [] };
       if (running && Object.keys(next).length > 0) {
         // Growing a running instance commits more of the host now.
-        checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.committed(name), this.d.capacity(), this.d.overcommit);
+        checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.records.committed(this.d.hostName, name), this.d.capacity(), this.d.overcommit);
         const handle = this.supervisor.handle(name);
         if (handle?.applyLive) {
           live = await handle.applyLive(next, cur.config);
@@ -281,18 +279,18 @@ export class InstanceService {
       this.locks.run(name, action, async () => {
         switch (action) {
           case 'start':
-            return this.doStart(name, ctx);
+            return this.runner.start(name, ctx);
           case 'stop':
-            return opts.force ? this.doStop(name, ctx, { force: true }) : this.doStop(name, ctx, { timeoutMs: opts.timeoutMs });
+            return opts.force ? this.runner.stop(name, ctx, { force: true }) : this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs });
           case 'kill':
-            return this.doStop(name, ctx, { force: true });
+            return this.runner.stop(name, ctx, { force: true });
           case 'restart':
-            await this.doStop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
-            return this.doStart(name, ctx);
+            await this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
+            return this.runner.start(name, ctx);
           case 'pause':
-            return this.doPause(name, true);
+            return this.runner.pause(name, true);
           case 'resume':
-            return this.doPause(name, false);
+            return this.runner.pause(name, false);
         }
       }),
     );
@@ -306,7 +304,7 @@ export class InstanceService {
         const cur = (await this.load(name)).value;
         if (isActive(cur.state) || this.supervisor.handle(name)) {
           if (!opts.force) checkAction(name, cur.state, 'delete');
-          await this.doStop(name, ctx, { force: true });
+          await this.runner.stop(name, ctx, { force: true });
         }
         this.supervisor.cancelRestart(name);
         const after = (await this.load(name)).value;
@@ -320,106 +318,6 @@ export class InstanceService {
     );
   }
 
-  private async doStart(name: string, ctx: OperationContext): Promise<{ state: InstanceState }> {
-    const t0 = performance.now();
-    const marks: Record<string, number> = {};
-    const mark = (what: string) => (marks[what] = Math.round((performance.now() - t0) * 10) / 10);
-    const cur = (await this.load(name)).value;
-    checkAction(name, cur.state, 'start');
-    this.supervisor.cancelRestart(name);
-    // Pending changes apply now.
-    const config: InstanceConfig = { ...cur.config, ...cur.pending };
-    const committed = await this.committed(name);
-    checkCanCommit({ name, vcpus: config.vcpus, memoryMiB: config.memoryMiB }, committed, this.d.capacity(), this.d.overcommit);
-    const driver = this.driver(cur.type);
-    mark('admitted');
-    let starting = await this.setState(name, 'starting', (r) => ({ ...r, config, pending: {}, desired: 'running' }));
-    failpoint('launch.after-record');
-    const paths = this.paths(name);
-    await trimConsoleLog(paths.consoleLog, this.d.consoleLogMaxBytes);
-    mark('recorded');
-    const undo = new UndoStack(this.d.log);
-    let handle: InstanceHandle;
-    try {
-      await driver.check(starting);
-      const before = JSON.stringify(starting.config);
-      for (const ext of this.extensions) {
-        if (!ext.beforeStart) continue;
-        starting = await ext.beforeStart(starting, undo);
-      }
-      // Record what the extensions filled in (a NIC's tap, a MAC), and only when they did.
-      if (JSON.stringify(starting.config) !== before) starting = await this.setState(name, 'starting', (r) => ({ ...r, config: starting.config }));
-      mark('checked');
-      ctx.progress(10, 'starting hypervisor');
-      // The driver registers the undo of what it made (QEMU killed, sockets removed) on our stack.
-      const started = await driver.start(starting, { ...this.supervisor.startContext(name), undo, progress: (p, m) => ctx.progress(10 + p * 0.9, m) });
-      handle = started;
-      undo.add('stop the new instance', async () => {
-        await started.kill();
-        started.detach();
-      });
-      mark('running');
-      failpoint('launch.before-running');
-      await this.setState(name, 'running', (r) => ({ ...r, runtime: started.runtime }));
-      undo.commit();
-    } catch (e) {
-      await undo.unwind();
-      const err = toHfError(e, 'HF_ERR_HYPERVISOR');
-      await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined, lastExit: { at: new Date().toISOString(), reason: `start failed: ${err.message}`, clean: false } }));
-      await driver.cleanup(starting, paths).catch(() => undefined);
-      throw err;
-    }
-    this.supervisor.supervise(name, handle);
-    mark('done');
-    this.d.log.info('instance started', { name, pid: handle.runtime.pid, accel: handle.runtime.accel, ms: marks });
-    return { state: 'running' };
-  }
-
-  private async doStop(name: string, ctx: OperationContext, opts: { force?: boolean; timeoutMs?: number }): Promise<{ state: InstanceState }> {
-    const cur = (await this.load(name)).value;
-    this.supervisor.cancelRestart(name);
-    const handle = this.supervisor.handle(name);
-    if (!handle) {
-      // Nothing runs: the record may say otherwise after a failure; converge it.
-      if (cur.state !== 'stopped') await this.setState(name, 'stopped', (r) => ({ ...r, desired: 'stopped', runtime: undefined }));
-      return { state: 'stopped' };
-    }
-    await this.supervisor.whileStopping(name, async () => {
-      await this.setState(name, 'stopping', (r) => ({ ...r, desired: 'stopped' }));
-      if (!opts.force) {
-        const timeoutMs = opts.timeoutMs ?? this.d.stopTimeoutMs;
-        ctx.progress(20, `asking the guest to shut down (up to ${Math.round(timeoutMs / 1000)} s)`);
-        try {
-          if ((await handle.observe()) === 'paused') await handle.resume();
-          await handle.requestShutdown();
-        } catch (e) {
-          this.d.log.warn('graceful shutdown request failed', { name, error: (e as Error).message });
-        }
-        const exited = await Promise.race([handle.exited.then(() => true), sleep(timeoutMs).then(() => false)]);
-        if (!exited) {
-          ctx.message(`guest did not shut down within ${Math.round(timeoutMs / 1000)} s: forcing`);
-          ctx.progress(80, 'forcing stop');
-        }
-      }
-      await handle.kill();
-      await handle.exited;
-      // The exit handler records the final state; wait for it so the operation ends consistent.
-      await this.records.waitForState(name, ['stopped', 'crashed'], EXIT_RECORD_TIMEOUT_MS);
-    });
-    return { state: 'stopped' };
-  }
-
-  private async doPause(name: string, pause: boolean): Promise<{ state: InstanceState }> {
-    const cur = (await this.load(name)).value;
-    checkAction(name, cur.state, pause ? 'pause' : 'resume');
-    const handle = this.requireHandle(name);
-    if (pause) await handle.pause();
-    else await handle.resume();
-    const state: InstanceState = pause ? 'paused' : 'running';
-    await this.setState(name, state, (r) => ({ ...r, desired: pause ? 'paused' : 'running' }));
-    return { state };
-  }
-
   // ---- supervision (instances/supervisor.ts) -----------------------------------------------------
 
   /** See Supervisor.reconcile: re-attach, converge interrupted starts, mark lost guests. */
@@ -431,7 +329,7 @@ export class InstanceService {
 
   async attachConsole(name: string): Promise<ConsoleAttachment> {
     await this.load(name);
-    return this.requireHandle(name).attachConsole();
+    return this.supervisor.requireHandle(name).attachConsole();
   }
 
   /** The tail of the bounded console log (at most `maxBytes`). */
@@ -483,11 +381,6 @@ export class InstanceService {
     return this.d.extensions ?? [];
   }
 
-  private requireHandle(name: string): InstanceHandle {
-    const h = this.supervisor.handle(name);
-    if (!h) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance "${name}" is not running`);
-    return h;
-  }
 
   private driver(type: InstanceType): InstanceDriver {
     const d = this.d.drivers.get(type);
@@ -498,24 +391,4 @@ export class InstanceService {
   private load(name: string): Promise<Versioned<Instance>> {
     return this.records.load(name);
   }
-
-  private setState(name: string, state: InstanceState, fn?: (r: Instance) => Instance): Promise<Instance> {
-    return this.records.setState(name, state, fn);
-  }
-
-  /** vCPUs and memory committed by this host's active instances, other than `except`. */
-  private async committed(except: string): Promise<{ vcpus: number; memoryMiB: number }> {
-    let vcpus = 0;
-    let memoryMiB = 0;
-    for (const i of await this.list()) {
-      if (i.name === except || i.host !== this.d.hostName || !isActive(i.state)) continue;
-      vcpus += i.config.vcpus;
-      memoryMiB += i.config.memoryMiB;
-    }
-    return { vcpus, memoryMiB };
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

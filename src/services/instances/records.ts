@@ -2,6 +2,7 @@
 // errors for a missing record, state changes that publish `instance.state`, and a wait for a
 // state on the collection's watch.
 import { HfError } from '../../core/errors.js';
+import { isActive } from '../../core/lifecycle.js';
 import { instanceSchema, nameSchema, type Instance, type InstanceState } from '../../core/model/instance.js';
 import { Collection, type Versioned } from '../../state/collection.js';
 import type { StateStore } from '../../state/store.js';
@@ -37,6 +38,18 @@ export class InstanceRecords {
     // `prev` is from the attempt that was written (a retry overwrote the earlier ones).
     if (prev !== state) this.events.publish('instance.state', { name, state, previous: prev });
     return v.value;
+  }
+
+  /** vCPUs and memory committed by the active instances of `host`, other than `except`. */
+  async committed(host: string, except: string): Promise<{ vcpus: number; memoryMiB: number }> {
+    let vcpus = 0;
+    let memoryMiB = 0;
+    for (const i of await this.list()) {
+      if (i.name === except || i.host !== host || !isActive(i.state)) continue;
+      vcpus += i.config.vcpus;
+      memoryMiB += i.config.memoryMiB;
+    }
+    return { vcpus, memoryMiB };
   }
 
   /**

@@ -6,6 +6,7 @@
 import { readdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { HfError } from '../../core/errors.js';
 import { decideOnExit, isActive, restartBackoffMs } from '../../core/lifecycle.js';
 import { nameSchema, type Instance, type InstanceState, type InstanceType } from '../../core/model/instance.js';
 import type { ExitInfo, InstanceDriver, InstanceHandle, InstancePaths, StartContext } from '../../drivers/driver.js';
@@ -52,6 +53,13 @@ export class Supervisor {
 
   handle(name: string): InstanceHandle | undefined {
     return this.handles.get(name);
+  }
+
+  /** The live handle; HF_ERR_INSTANCE_NOT_RUNNING when there is none. */
+  requireHandle(name: string): InstanceHandle {
+    const h = this.handles.get(name);
+    if (!h) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance "${name}" is not running`);
+    return h;
   }
 
   names(): string[] {
