@@ -1,7 +1,7 @@
 // A driver that runs nothing: for unit tests of the services and the API (the real QEMU driver
 // is covered by the integration tests). Each "process" is a promise the test can end.
-import type { Instance } from '../../src/core/model/instance.js';
-import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, ObservedState, StartContext } from '../../src/drivers/driver.js';
+import type { Instance, InstanceConfig } from '../../src/core/model/instance.js';
+import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, LiveChangeResult, ObservedState, StartContext } from '../../src/drivers/driver.js';
 import { HfError } from '../../src/core/errors.js';
 
 let nextPid = 100_000;
@@ -10,6 +10,8 @@ export class FakeHandle implements InstanceHandle {
   readonly exited: Promise<ExitInfo>;
   state: ObservedState = 'running';
   detached = false;
+  /** Set by a test to make the handle take changes live (absent: everything waits for the next start). */
+  applyLive?: (changes: Partial<InstanceConfig>, current: InstanceConfig) => Promise<LiveChangeResult>;
   private resolveExit!: (e: ExitInfo) => void;
   constructor(readonly runtime: Instance['runtime'] & object, private readonly powerOffOnShutdown: boolean) {
     this.exited = new Promise((r) => (this.resolveExit = r));

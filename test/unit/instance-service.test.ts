@@ -2,7 +2,8 @@
 // in-memory SQLite store: state handling, operations, restart policy, reconcile, errors.
 import { after, before, beforeEach, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EventBus } from '../../src/services/events.js';
@@ -14,6 +15,9 @@ import { HfError } from '../../src/core/errors.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
 import { buildWorld, TEST_TOKEN, type TestWorld } from '../helpers/world.js';
 import { silentLogger } from '../../src/util/log.js';
+import { InstanceRecords } from '../../src/services/instances/records.js';
+import { INTERRUPTED_START } from '../../src/services/instances/supervisor.js';
+import { armFailpoints, failpoint, parseFailpoints } from '../../src/util/failpoint.js';
 
 interface World extends TestWorld {
   driver: FakeDriver;
@@ -225,3 +229,118 @@ async function waitFor(pred: () => Promise<boolean>, timeoutMs = 3000): Promise<
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+describe('instance service: updates, convergence, failpoints', () => {
+  let dir: string;
+  let kernel: string;
+  let w: World;
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'hf-unit-'));
+    kernel = join(dir, 'vmlinuz');
+    await writeFile(kernel, 'not really a kernel');
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+  beforeEach(async () => {
+    w = await world(await mkdtemp(join(dir, 'w-')), SqliteStateStore.open(':memory:'));
+  });
+
+  const body = (name: string, extra: Record<string, unknown> = {}) => ({ name, boot: { kind: 'kernel', kernel }, ...extra });
+
+  /** Makes the store's conditional writes of `key` fail: `times` of them (another writer got in), or all. */
+  function interfere(store: SqliteStateStore, key: string, mode: { times: number } | 'always'): { failed: number } {
+    const seen = { failed: 0 };
+    const txn = store.txn.bind(store);
+    store.txn = async (compares, ops) => {
+      if (compares.some((c) => c.key === key) && (mode === 'always' || seen.failed < mode.times)) {
+        seen.failed++;
+        // Another writer: the record changes under the update, so its compare-and-swap misses.
+        const cur = await store.get(key);
+        if (cur) await store.put(key, cur.value);
+        if (mode === 'always') return { succeeded: false, revision: await store.revision() };
+      }
+      return txn(compares, ops);
+    };
+    return seen;
+  }
+
+  it('an update retried by compare-and-swap reports each field once', async () => {
+    await call(w, 'POST', '/api/v1/instances', body('u2'));
+    const seen = interfere(w.store, '/instances/u2', { times: 2 });
+    const r = await call(w, 'PATCH', '/api/v1/instances/u2', { memory: '512M', vcpus: 2, description: 'x' });
+    assert.equal(r.status, 200);
+    assert.equal(seen.failed, 2, 'the write was retried');
+    assert.deepEqual((r.json.applied as string[]).sort(), ['description', 'memoryMiB', 'vcpus']);
+    assert.deepEqual(r.json.pending, []);
+    assert.equal((await w.svc.get('u2')).config.memoryMiB, 512);
+  });
+
+  it('a live change whose record write fails is reverted in the guest', async () => {
+    await finish(w, await call(w, 'POST', '/api/v1/instances', body('u3', { memory: '256M', maxMemory: '1G', start: true })));
+    const calls: Array<Record<string, unknown>> = [];
+    w.driver.handles.get('u3')!.applyLive = async (changes) => {
+      calls.push({ ...changes });
+      return { applied: Object.keys(changes), pending: [], notes: [] };
+    };
+    interfere(w.store, '/instances/u3', 'always');
+    const r = await call(w, 'PATCH', '/api/v1/instances/u3', { memory: '512M' });
+    assert.equal(r.status, 409);
+    assert.equal((r.json.error as { code: string }).code, 'HF_ERR_CONFLICT');
+    assert.deepEqual(calls, [{ memoryMiB: 512 }, { memoryMiB: 256 }], 'applied, then reverted');
+    assert.equal((await w.svc.get('u3')).config.memoryMiB, 256);
+  });
+
+  it('reconcile starts again an instance whose start the daemon died in, without calling it a crash', async () => {
+    await call(w, 'POST', '/api/v1/instances', body('i1'));
+    // What a daemon killed between recording `starting` and `running` leaves.
+    await w.svc.patch('i1', (r) => ({ ...r, state: 'starting', desired: 'running' }));
+    await w.svc.close();
+    const w2 = await world(w.dir, w.store, w.driver);
+    const crashed: string[] = [];
+    w2.events.subscribe((e) => e.type === 'instance.crashed' && crashed.push(String(e.data.name)));
+    const r = await w2.svc.reconcile({ hostBooted: false });
+    assert.deepEqual(r.resumed, ['i1']);
+    assert.deepEqual(r.lost, []);
+    await waitFor(async () => (await w2.svc.get('i1')).state === 'running');
+    const now = await w2.svc.get('i1');
+    assert.equal(now.state, 'running');
+    assert.equal(now.desired, 'running');
+    assert.equal(now.lastExit?.reason, INTERRUPTED_START);
+    assert.equal(now.restartCount, 0, 'no restart counted');
+    assert.deepEqual(crashed, []);
+  });
+
+  it('reconcile removes the directory of a create that never wrote its record', async () => {
+    await mkdir(join(w.dir, 'instances', 'ghost'), { recursive: true });
+    await writeFile(join(w.dir, 'instances', 'ghost', 'root.qcow2'), '');
+    await call(w, 'POST', '/api/v1/instances', body('real'));
+    const r = await w.svc.reconcile({ hostBooted: false });
+    assert.deepEqual(r.orphans, ['ghost']);
+    assert.equal(existsSync(join(w.dir, 'instances', 'ghost')), false);
+    assert.equal(existsSync(join(w.dir, 'instances', 'real')), true);
+  });
+
+  it('a stop fails loudly when the exit is never recorded', async () => {
+    const records = new InstanceRecords(w.store, w.events);
+    await call(w, 'POST', '/api/v1/instances', body('s1'));
+    await assert.rejects(records.waitForState('s1', ['running'], 50), (e: HfError) => e.code === 'HF_ERR_TIMEOUT');
+    const waiting = records.waitForState('s1', ['running'], 5000);
+    await records.setState('s1', 'running');
+    assert.equal((await waiting)?.state, 'running');
+  });
+
+  it('failpoints: parsed strictly, and an armed "error" one throws', () => {
+    assert.deepEqual([...parseFailpoints(' launch.after-spawn=kill,launch.after-record=error ')], [['launch.after-spawn', 'kill'], ['launch.after-record', 'error']]);
+    assert.throws(() => parseFailpoints('launch.nowhere=kill'), (e: HfError) => e.code === 'HF_ERR_VALIDATION');
+    assert.throws(() => parseFailpoints('launch.after-spawn=explode'), (e: HfError) => e.code === 'HF_ERR_VALIDATION');
+    armFailpoints('launch.before-record=error');
+    try {
+      assert.throws(() => failpoint('launch.before-record'), (e: HfError) => e.code === 'HF_ERR_INTERNAL');
+      assert.doesNotThrow(() => failpoint('launch.after-spawn'));
+    } finally {
+      armFailpoints('');
+    }
+  });
+});
