@@ -30,14 +30,18 @@ class InterferingStore implements StateStore {
   ) {}
   get: StateStore['get'] = (k) => this.inner.get(k);
   list: StateStore['list'] = (p) => this.inner.list(p);
-  put = (k: string, v: unknown): Promise<number> => this.inner.put(k, v);
+  put: StateStore['put'] = (k, v, o) => this.inner.put(k, v, o);
   delete = (k: string): Promise<boolean> => this.inner.delete(k);
   async txn(compares: Compare[], ops: TxnOp[]): Promise<TxnResult> {
     await this.beforeTxn(++this.txnCalls);
     return this.inner.txn(compares, ops);
   }
   revision = (): Promise<number> => this.inner.revision();
-  watch: StateStore['watch'] = (p, cb, from) => this.inner.watch(p, cb, from);
+  watch: StateStore['watch'] = (p, cb, o) => this.inner.watch(p, cb, o);
+  grant: StateStore['grant'] = (ttl) => this.inner.grant(ttl);
+  keepAlive: StateStore['keepAlive'] = (id) => this.inner.keepAlive(id);
+  revoke: StateStore['revoke'] = (id) => this.inner.revoke(id);
+  timeToLive: StateStore['timeToLive'] = (id) => this.inner.timeToLive(id);
   close = (): Promise<void> => this.inner.close();
 }
 
@@ -315,7 +319,7 @@ describe('Collection: watch', () => {
     await items.create('b', item('b', 1));
     await items.update('a', (c) => ({ ...c, count: 9 }));
     const events: CollectionEvent<Item>[] = [];
-    const w = items.watch((ev) => events.push(ev), mark);
+    const w = items.watch((ev) => events.push(ev), { fromRevision: mark + 1 });
     await settle();
     w.cancel();
     assert.deepEqual(events.map((e) => `${e.type} ${e.id}=${e.value?.count}@${e.revision}`), ['put b=1@2', 'put a=9@3']);
