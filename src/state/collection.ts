@@ -107,20 +107,20 @@ export class Collection<T> {
 
   /** Every record, sorted by id. Rows failing the schema are skipped and reported to onCorrupt. */
   async list(): Promise<Versioned<T>[]> {
-    return (await this.listAt()).items;
+    return (await this.listAt()).items.map(({ value, revision }) => ({ value, revision }));
   }
 
   /**
-   * Every record (as list()) and the store revision they were read at: watching from
-   * `revision + 1` afterwards misses no change and repeats none.
+   * Every record (as list(), with its id) and the store revision they were read at: watching
+   * from `revision + 1` afterwards misses no change and repeats none.
    */
-  async listAt(): Promise<{ items: Versioned<T>[]; revision: number }> {
+  async listAt(): Promise<{ items: (Versioned<T> & { id: string })[]; revision: number }> {
     const { entries, revision } = await this.store.list(this.prefix);
-    const items: Versioned<T>[] = [];
+    const items: (Versioned<T> & { id: string })[] = [];
     for (const entry of entries) {
       if (entry.key.includes('/', this.prefix.length)) continue; // a nested namespace, not ours
       const v = this.tryRead(entry);
-      if (v !== undefined) items.push(v);
+      if (v !== undefined) items.push({ id: entry.key.slice(this.prefix.length), value: v.value, revision: v.revision });
     }
     return { items, revision };
   }
