@@ -173,7 +173,10 @@ export class SqliteStateStore implements StateStore {
     this.hub = new WatchHub({
       onWatcherError:
         opts.onWatcherError ?? ((err, ev) => logLine({ level: 'error', msg: 'state watcher threw', key: ev.key, revision: ev.modRevision, error: errMessage(err) })),
-      onUnhandledFailure: (f) => logLine({ level: 'error', msg: 'state watch ended', kind: f.kind, error: f.error.message }),
+      // Closing the store is deliberate: only an unexpected end is worth a line.
+      onUnhandledFailure: (f) => {
+        if (f.kind !== 'closed') logLine({ level: 'error', msg: 'state watch ended', kind: f.kind, error: f.error.message });
+      },
     });
 
     db.pragma(`busy_timeout = ${Math.max(0, Math.floor(opts.busyTimeoutMs ?? DEFAULT_BUSY_TIMEOUT_MS))}`);
