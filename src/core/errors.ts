@@ -45,6 +45,12 @@ export const ERROR_CODES = {
   HF_ERR_QMP_COMMAND: 500,
   HF_ERR_TIMEOUT: 504,
   HF_ERR_INTERNAL: 500,
+  /** A state-store lease expired, was revoked or never existed. */
+  HF_ERR_LEASE_NOT_FOUND: 404,
+  /** A state-store revision is older than the history kept (etcd's ErrCompacted): list again. */
+  HF_ERR_STATE_COMPACTED: 410,
+  /** The state store cannot be reached (a remote store lost its connection). */
+  HF_ERR_STATE_UNAVAILABLE: 503,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -5,7 +5,7 @@
 // Updates are optimistic: read, apply, write conditionally on the modRevision that was read,
 // retry when someone else wrote in between.
 import { HfError, isHfError } from '../core/errors.js';
-import type { KvEntry, StateStore, Watch, WatchEvent } from './store.js';
+import type { KvEntry, LeaseId, StateStore, Watch, WatchEvent, WatchFailure } from './store.js';
 
 export interface Versioned<T> {
   value: T;
@@ -33,6 +33,19 @@ export interface CollectionEvent<T> {
   /** The new value for a put; the last value for a delete (undefined if that value was corrupt). */
   value: T | undefined;
   revision: number;
+}
+
+export interface CollectionWatchOptions {
+  /** First revision to deliver, inclusive (as the store's watch). Default: changes after now. */
+  fromRevision?: number;
+  /** Called once when the watch ends by itself (compaction, store closed or disconnected). */
+  onError?: (failure: WatchFailure) => void;
+  /**
+   * What to do with a put whose value fails the schema: 'skip' it (default, reported to
+   * onCorrupt), or deliver it 'as-delete' (value undefined, also reported), which is what a
+   * cache mirroring list() wants: list() leaves such a row out too.
+   */
+  corrupt?: 'skip' | 'as-delete';
 }
 
 export interface UpdateOptions {
@@ -94,20 +107,32 @@ export class Collection<T> {
 
   /** Every record, sorted by id. Rows failing the schema are skipped and reported to onCorrupt. */
   async list(): Promise<Versioned<T>[]> {
-    const out: Versioned<T>[] = [];
-    for (const entry of await this.store.list(this.prefix)) {
-      if (entry.key.includes('/', this.prefix.length)) continue; // a nested namespace, not ours
-      const v = this.tryRead(entry);
-      if (v !== undefined) out.push(v);
-    }
-    return out;
+    return (await this.listAt()).items.map(({ value, revision }) => ({ value, revision }));
   }
 
-  /** Creates the record; HF_ERR_ALREADY_EXISTS when the id is taken. */
-  async create(id: string, value: T): Promise<Versioned<T>> {
+  /**
+   * Every record (as list(), with its id) and the store revision they were read at: watching
+   * from `revision + 1` afterwards misses no change and repeats none.
+   */
+  async listAt(): Promise<{ items: (Versioned<T> & { id: string })[]; revision: number }> {
+    const { entries, revision } = await this.store.list(this.prefix);
+    const items: (Versioned<T> & { id: string })[] = [];
+    for (const entry of entries) {
+      if (entry.key.includes('/', this.prefix.length)) continue; // a nested namespace, not ours
+      const v = this.tryRead(entry);
+      if (v !== undefined) items.push({ id: entry.key.slice(this.prefix.length), value: v.value, revision: v.revision });
+    }
+    return { items, revision };
+  }
+
+  /**
+   * Creates the record; HF_ERR_ALREADY_EXISTS when the id is taken. With `lease`, the record
+   * vanishes when the lease ends (HF_ERR_LEASE_NOT_FOUND when it already has).
+   */
+  async create(id: string, value: T, opts: { lease?: LeaseId } = {}): Promise<Versioned<T>> {
     const key = this.key(id);
     const checked = this.check(key, value);
-    const res = await this.store.txn([{ key, modRevision: 0 }], [{ type: 'put', key, value: checked }]);
+    const res = await this.store.txn([{ key, modRevision: 0 }], [{ type: 'put', key, value: checked, lease: opts.lease }]);
     if (!res.succeeded) throw new HfError('HF_ERR_ALREADY_EXISTS', `${key} already exists`, { details: { key } });
     return { value: checked, revision: res.revision };
   }
@@ -117,16 +142,17 @@ export class Collection<T> {
    * fresh copy it may mutate) and returns the new one. When another writer changed the record in
    * between, the whole cycle runs again (so `fn` may be called several times and should have no
    * side effects beyond its result), up to `retries` more times, then HF_ERR_CONFLICT. Whatever
-   * `fn` throws is thrown unchanged and nothing is written.
+   * `fn` throws is thrown unchanged and nothing is written. A record attached to a lease stays
+   * attached.
    */
   async update(id: string, fn: (cur: T) => T, opts: UpdateOptions = {}): Promise<Versioned<T>> {
     const key = this.key(id);
     const retries = Math.max(0, Math.floor(opts.retries ?? DEFAULT_RETRIES));
     for (let attempt = 0; attempt <= retries; attempt++) {
-      const cur = await this.get(id);
+      const cur = await this.store.get(key);
       if (cur === undefined) throw opts.notFound ? opts.notFound() : new HfError('HF_ERR_NOT_FOUND', `${key} not found`, { details: { key } });
-      const next = this.check(key, fn(cur.value));
-      const res = await this.store.txn([{ key, modRevision: cur.revision }], [{ type: 'put', key, value: next }]);
+      const next = this.check(key, fn(this.read(key, cur.value)));
+      const res = await this.store.txn([{ key, modRevision: cur.modRevision }], [{ type: 'put', key, value: next, lease: cur.lease }]);
       if (res.succeeded) return { value: next, revision: res.revision };
     }
     throw new HfError('HF_ERR_CONFLICT', `${key} kept changing concurrently; gave up after ${retries + 1} attempts`, {
@@ -155,24 +181,34 @@ export class Collection<T> {
    * still at that revision: HF_ERR_CONFLICT when it changed since.
    */
   async delete(id: string, expectRevision?: number): Promise<boolean> {
+    return (await this.remove(id, expectRevision)) !== undefined;
+  }
+
+  /**
+   * delete() that tells the store revision of the delete (undefined when there was nothing to
+   * delete), so a caller can wait for a watch-fed cache to reach it.
+   */
+  async remove(id: string, expectRevision?: number): Promise<number | undefined> {
     const key = this.key(id);
-    if (expectRevision === undefined) return this.store.delete(key);
-    if (expectRevision === 0) return false; // "must not exist": nothing to delete either way
-    const res = await this.store.txn([{ key, modRevision: expectRevision }], [{ type: 'delete', key }]);
-    if (res.succeeded) return true;
+    if (expectRevision === 0) return undefined; // "must not exist": nothing to delete either way
+    const compare = expectRevision === undefined ? { key, exists: true } : { key, modRevision: expectRevision };
+    const res = await this.store.txn([compare], [{ type: 'delete', key }]);
+    if (res.succeeded) return res.revision;
     const now = await this.store.get(key);
-    if (now === undefined) return false;
+    if (now === undefined || expectRevision === undefined) return undefined;
     throw new HfError('HF_ERR_CONFLICT', `${key} was modified (revision ${now.modRevision}, expected ${expectRevision})`, {
       details: { key, expectedRevision: expectRevision, revision: now.modRevision },
     });
   }
 
   /**
-   * Calls `cb` for every change to the collection after `fromRevision` (default: now), in
-   * revision order. A put whose value fails the schema is reported to onCorrupt and skipped; a
-   * delete is always delivered (value undefined if the last value was corrupt).
+   * Calls `cb` for every change to the collection from `opts.fromRevision` (inclusive; default:
+   * changes after now), in revision order. A put whose value fails the schema is reported to
+   * onCorrupt and skipped (or delivered as a delete, see `corrupt`); a delete is always delivered
+   * (value undefined if the last value was corrupt). When the watch cannot go on, `opts.onError`
+   * is called once (see StateStore.watch).
    */
-  watch(cb: (ev: CollectionEvent<T>) => void, fromRevision?: number): Watch {
+  watch(cb: (ev: CollectionEvent<T>) => void, opts: CollectionWatchOptions = {}): Watch {
     return this.store.watch(
       this.prefix,
       (ev: WatchEvent) => {
@@ -184,12 +220,15 @@ export class Collection<T> {
             value = this.read(ev.key, ev.value);
           } catch (e) {
             this.report(ev.key, e);
-            if (ev.type === 'put') return;
+            if (ev.type === 'put') {
+              if (opts.corrupt !== 'as-delete') return;
+              return cb({ type: 'delete', id, key: ev.key, value: undefined, revision: ev.modRevision });
+            }
           }
         }
         return cb({ type: ev.type, id, key: ev.key, value, revision: ev.modRevision });
       },
-      fromRevision,
+      { fromRevision: opts.fromRevision, onError: opts.onError },
     );
   }
 

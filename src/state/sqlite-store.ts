@@ -8,11 +8,16 @@
 // that is reconciled against the running system on start.
 //
 // Tables:
-//   meta(id=1, revision, compact_revision): the store revision and the highest revision that
-//     has been dropped from the change log;
-//   kv(key, value JSON, create_rev, mod_rev, version): the current entries;
+//   meta(id=1, revision, compact_revision): the store revision and, as etcd's compact revision,
+//     the oldest revision still in the change log (0: nothing dropped yet);
+//   kv(key, value JSON, create_rev, mod_rev, version, lease): the current entries;
 //   changes(rev, seq, key, type, value JSON): a bounded change log (the last `historyLimit`
-//     revisions) from which watches replay past revisions.
+//     revisions) from which watches replay past revisions;
+//   leases(id, ttl, expires_at): live leases (sqlite-leases.ts).
+//
+// Leases: every call first deletes the keys of leases expired by the store's clock (one indexed
+// lookup when none has), so no read returns a key of an expired lease and watchers see the
+// deletes; a timer does the same for a store nobody calls.
 //
 // Reads: JSON.parse dominates the cost of a large list (about 10 ms for 1,000 values of 2 KB on
 // a slow core), so parsed values are cached by (key, modRevision) and handed out as deep copies,
@@ -20,13 +25,33 @@
 //
 // Writes run synchronously inside better-sqlite3 transactions (BEGIN IMMEDIATE), so they are
 // atomic and strictly ordered; watch callbacks are called afterwards, from a microtask, one
-// watcher queue at a time, never from inside a write. Watch notification is in-process only: a
-// second process writing the same file is not seen by this process's watchers.
-import { accessSync, constants as fsConstants, statSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+// watcher queue at a time, never from inside a write (sqlite-watch.ts). Watch notification is
+// in-process only: a second process writing the same file is not seen by this process's watchers.
+import { resolve } from 'node:path';
 import Database from 'better-sqlite3';
-import { HfError, type ErrorCode } from '../core/errors.js';
-import type { Compare, KvEntry, StateStore, TxnOp, TxnResult, Watch, WatchEvent } from './store.js';
+import { HfError, toHfError } from '../core/errors.js';
+import { LeaseTable, checkTtl, leaseNotFound, leaseRowId } from './sqlite-leases.js';
+import { compareHolds, migrate, prepareCompare, type CmpRow, type PreparedCompare } from './sqlite-schema.js';
+import { ValueCache, checkDataPath, checkKey, errMessage, fromJson, prefixUpperBound, storageErrorCode, toJson } from './sqlite-values.js';
+import { WatchHub, type Change } from './sqlite-watch.js';
+import type {
+  Compare,
+  KvEntry,
+  LeaseId,
+  LeaseStatus,
+  ListResult,
+  PutOptions,
+  StateStore,
+  TxnOp,
+  TxnResult,
+  Watch,
+  WatchEvent,
+  WatchFailure,
+  WatchOptions,
+} from './store.js';
+
+// Kept importable from here: callers and tests knew them as part of this module.
+export { cloneJson, prefixUpperBound } from './sqlite-values.js';
 
 export interface SqliteStateStoreOptions {
   /** How many revisions the change log keeps for watch replay (default 10,000). */
@@ -40,39 +65,25 @@ export interface SqliteStateStoreOptions {
   cacheBytes?: number;
   /** Called when a watch callback throws (or its promise rejects). Default: a JSON line on stderr. */
   onWatcherError?: (err: unknown, ev: WatchEvent) => void;
+  /** Milliseconds since the epoch, for lease expiry (default Date.now; tests drive their own). */
+  clock?: () => number;
+  /** How often a timer deletes the keys of expired leases (default 1,000 ms; 0: only when called). */
+  sweepIntervalMs?: number;
 }
 
-const SCHEMA_VERSION = 1;
 const DEFAULT_HISTORY_LIMIT = 10_000;
 const DEFAULT_BUSY_TIMEOUT_MS = 5_000;
 const DEFAULT_CACHE_BYTES = 32 * 1024 * 1024;
+const DEFAULT_SWEEP_INTERVAL_MS = 1_000;
 /** Above this many uncached rows, list() reads the values in one range scan instead of one by one. */
 const LIST_SCAN_MISSES = 32;
 
-type KvRow = [key: string, value: string, createRev: number, modRev: number, version: number];
-type KvMetaRow = [key: string, createRev: number, modRev: number, version: number];
+type KvRow = [key: string, value: string, createRev: number, modRev: number, version: number, lease: number];
+type KvMetaRow = [key: string, createRev: number, modRev: number, version: number, lease: number];
 type ChangeRow = [rev: number, key: string, type: string, value: string | null];
 interface MetaRow {
   revision: number;
   compact_revision: number;
-}
-
-interface Watcher {
-  prefix: string;
-  cb: (ev: WatchEvent) => void;
-  /** Only events with a revision above this are delivered (replayed ones included). */
-  afterRevision: number;
-  queue: WatchEvent[];
-  scheduled: boolean;
-  cancelled: boolean;
-}
-
-/** A committed change, value still as JSON text: each watcher parses its own copy. */
-interface Change {
-  type: 'put' | 'delete';
-  key: string;
-  json: string;
-  rev: number;
 }
 
 interface PreparedOp {
@@ -80,158 +91,19 @@ interface PreparedOp {
   key: string;
   /** JSON text, for puts. */
   json: string | null;
+  /** Lease row id for puts (0: none). */
+  lease: number;
 }
 
-/**
- * The exclusive upper bound of the keys starting with `prefix`, in the code-point order that
- * SQLite's BINARY collation uses on UTF-8 text: the prefix with its last code point incremented
- * (trailing U+10FFFF dropped). `undefined` when there is no bound (empty prefix).
- */
-export function prefixUpperBound(prefix: string): string | undefined {
-  const cps = Array.from(prefix);
-  while (cps.length > 0) {
-    const last = cps.pop() as string;
-    let cp = (last.codePointAt(0) as number) + 1;
-    if (cp === 0xd800) cp = 0xe000; // skip the surrogate range: not valid code points
-    if (cp <= 0x10ffff) return cps.join('') + String.fromCodePoint(cp);
-  }
-  return undefined;
+function compactedFailure(from: number, meta: MetaRow): WatchFailure {
+  const error = new HfError('HF_ERR_STATE_COMPACTED', `revision compacted: cannot watch from revision ${from}; the change log starts at revision ${meta.compact_revision}`, {
+    details: { fromRevision: from, compactRevision: meta.compact_revision, revision: meta.revision },
+  });
+  return { kind: 'compacted', compactRevision: meta.compact_revision, error };
 }
 
-function errCode(e: unknown): string | undefined {
-  if (typeof e === 'object' && e !== null && 'code' in e && typeof e.code === 'string') return e.code;
-  return undefined;
-}
-
-function errMessage(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
-}
-
-/** Storage-level failures (read-only file, disk full, I/O error) are data-directory problems. */
-function storageErrorCode(e: unknown): ErrorCode {
-  const code = errCode(e) ?? '';
-  return /^SQLITE_(READONLY|CANTOPEN|FULL|IOERR|NOTADB|CORRUPT|PERM)/.test(code) ? 'HF_ERR_DATA_DIR' : 'HF_ERR_INTERNAL';
-}
-
-function checkKey(key: string): void {
-  if (typeof key !== 'string' || key.length === 0) throw new HfError('HF_ERR_VALIDATION', 'state key must be a non-empty string');
-  if (/\p{Surrogate}/u.test(key)) throw new HfError('HF_ERR_VALIDATION', `state key ${JSON.stringify(key)} is not well-formed Unicode`);
-}
-
-function toJson(key: string, value: unknown): string {
-  let json: string | undefined;
-  try {
-    json = JSON.stringify(value);
-  } catch (e) {
-    throw new HfError('HF_ERR_VALIDATION', `value for state key ${key} is not JSON-serializable: ${errMessage(e)}`, { cause: e });
-  }
-  if (json === undefined) throw new HfError('HF_ERR_VALIDATION', `value for state key ${key} is not JSON-serializable (${typeof value})`);
-  return json;
-}
-
-/**
- * Deep copy of a value made by JSON.parse (plain objects, arrays, primitives): several times
- * faster than JSON.parse or structuredClone, which is what makes cached reads cheap.
- */
-export function cloneJson<T>(v: T): T {
-  if (v === null || typeof v !== 'object') return v;
-  if (Array.isArray(v)) {
-    const a = new Array<unknown>(v.length);
-    for (let i = 0; i < v.length; i++) a[i] = cloneJson<unknown>(v[i]);
-    return a as T;
-  }
-  const o: Record<string, unknown> = {};
-  const src = v as Record<string, unknown>;
-  for (const k in src) {
-    if (k === '__proto__') Object.defineProperty(o, k, { value: cloneJson(src[k]), enumerable: true, writable: true, configurable: true });
-    else o[k] = cloneJson(src[k]);
-  }
-  return o as T;
-}
-
-/**
- * Parsed values by key, valid for one modRevision (revisions are never reused, so a hit is always
- * the row's current value, whoever wrote it). Values in here are never handed out, only copies.
- * Bounded by the size of their JSON text; the oldest entries go first.
- */
-class ValueCache {
-  private readonly map = new Map<string, { modRev: number; value: unknown; size: number }>();
-  private bytes = 0;
-
-  constructor(private readonly maxBytes: number) {}
-
-  /** A fresh copy of the cached value of `key` at `modRev`; undefined (never a JSON value) on a miss. */
-  peek<T>(key: string, modRev: number): T | undefined {
-    const hit = this.map.get(key);
-    return hit !== undefined && hit.modRev === modRev ? cloneJson(hit.value as T) : undefined;
-  }
-
-  /** A fresh copy of the value of `key` at `modRev`, parsing `json` when not cached. */
-  read<T>(key: string, modRev: number, json: string): T {
-    const hit = this.map.get(key);
-    if (hit !== undefined && hit.modRev === modRev) return cloneJson(hit.value as T);
-    const value = fromJson<T>(key, json);
-    if (json.length <= this.maxBytes) {
-      this.drop(key);
-      this.map.set(key, { modRev, value, size: json.length });
-      this.bytes += json.length;
-      for (const [k, e] of this.map) {
-        if (this.bytes <= this.maxBytes) break;
-        this.map.delete(k);
-        this.bytes -= e.size;
-      }
-      return cloneJson(value);
-    }
-    return value;
-  }
-
-  drop(key: string): void {
-    const e = this.map.get(key);
-    if (e === undefined) return;
-    this.map.delete(key);
-    this.bytes -= e.size;
-  }
-}
-
-function fromJson<T>(key: string, json: string): T {
-  try {
-    return JSON.parse(json) as T;
-  } catch (e) {
-    throw new HfError('HF_ERR_INTERNAL', `corrupt JSON in state entry ${key}: ${errMessage(e)}`, { cause: e, details: { key } });
-  }
-}
-
-/** Fails with HF_ERR_DATA_DIR unless `file` can be created or opened read-write. */
-function checkDataPath(file: string): void {
-  const path = resolve(file);
-  const dir = dirname(path);
-  const fail = (why: string, cause?: unknown): never => {
-    throw new HfError('HF_ERR_DATA_DIR', `cannot open state database ${path}: ${why}`, { cause, details: { path, dir } });
-  };
-  let dirStat;
-  try {
-    dirStat = statSync(dir);
-  } catch (e) {
-    return fail(errCode(e) === 'ENOENT' ? `directory ${dir} does not exist` : `cannot access directory ${dir} (${errMessage(e)})`, e);
-  }
-  if (!dirStat.isDirectory()) return fail(`${dir} is not a directory`);
-  try {
-    accessSync(dir, fsConstants.W_OK | fsConstants.X_OK);
-  } catch (e) {
-    return fail(`directory ${dir} is not writable (the database and its -wal/-shm files live there)`, e);
-  }
-  let fileStat;
-  try {
-    fileStat = statSync(path);
-  } catch {
-    return; // does not exist yet: created on open
-  }
-  if (!fileStat.isFile()) return fail('not a regular file');
-  try {
-    accessSync(path, fsConstants.R_OK | fsConstants.W_OK);
-  } catch (e) {
-    return fail('file is not readable and writable', e);
-  }
+function logLine(fields: Record<string, unknown>): void {
+  process.stderr.write(JSON.stringify({ t: new Date().toISOString(), ...fields }) + '\n');
 }
 
 export class SqliteStateStore implements StateStore {
@@ -239,8 +111,10 @@ export class SqliteStateStore implements StateStore {
   private readonly location: string;
   private readonly historyLimit: number;
   private readonly cache: ValueCache;
-  private readonly onWatcherError: (err: unknown, ev: WatchEvent) => void;
-  private readonly watchers = new Set<Watcher>();
+  private readonly clock: () => number;
+  private readonly hub: WatchHub;
+  private readonly leases: LeaseTable;
+  private readonly sweeper: NodeJS.Timeout | undefined;
   private closed = false;
 
   private readonly stmt: {
@@ -248,26 +122,24 @@ export class SqliteStateStore implements StateStore {
     setRevision: Database.Statement<[number]>;
     setCompactRevision: Database.Statement<[number]>;
     get: Database.Statement<[string], KvRow>;
-    getModRev: Database.Statement<[string], number>;
+    getCmp: Database.Statement<[string], CmpRow>;
     listFrom: Database.Statement<[string], KvRow>;
     listRange: Database.Statement<[string, string], KvRow>;
     metaFrom: Database.Statement<[string], KvMetaRow>;
     metaRange: Database.Statement<[string, string], KvMetaRow>;
     valueOf: Database.Statement<[string], string>;
-    upsert: Database.Statement<[string, string, number, number]>;
+    upsert: Database.Statement<[string, string, number, number, number]>;
     del: Database.Statement<[string], string>;
     logChange: Database.Statement<[number, number, string, string, string | null]>;
     changesSince: Database.Statement<[number], ChangeRow>;
     pruneChanges: Database.Statement<[number]>;
   };
 
-  /**
-   * list() in one read transaction (one snapshot): the keys and revisions come from the covering
-   * index; values are read only for rows whose (key, modRevision) is not cached.
-   */
-  private readonly listTxn: Database.Transaction<(prefix: string) => KvEntry[]>;
+  private readonly listTxn: Database.Transaction<(prefix: string) => ListResult>;
 
-  private readonly writeTxn: Database.Transaction<(compares: Compare[], ops: PreparedOp[]) => { result: TxnResult; changes: Change[] }>;
+  private readonly writeTxn: Database.Transaction<(compares: PreparedCompare[], ops: PreparedOp[], now: number) => { result: TxnResult; changes: Change[] }>;
+
+  private readonly revokeTxn: Database.Transaction<(row: number, now: number, mustBeLive: boolean) => Change[]>;
 
   /** Opens (creating when needed) the database at `file`; ':memory:' for a private in-memory store. */
   static open(file: string, opts: SqliteStateStoreOptions = {}): SqliteStateStore {
@@ -297,12 +169,15 @@ export class SqliteStateStore implements StateStore {
     this.location = location;
     this.historyLimit = Math.max(1, Math.floor(opts.historyLimit ?? DEFAULT_HISTORY_LIMIT));
     this.cache = new ValueCache(Math.max(0, opts.cacheBytes ?? DEFAULT_CACHE_BYTES));
-    this.onWatcherError =
-      opts.onWatcherError ??
-      ((err, ev) => {
-        const line = { t: new Date().toISOString(), level: 'error', msg: 'state watcher threw', key: ev.key, revision: ev.modRevision, error: errMessage(err) };
-        process.stderr.write(JSON.stringify(line) + '\n');
-      });
+    this.clock = opts.clock ?? Date.now;
+    this.hub = new WatchHub({
+      onWatcherError:
+        opts.onWatcherError ?? ((err, ev) => logLine({ level: 'error', msg: 'state watcher threw', key: ev.key, revision: ev.modRevision, error: errMessage(err) })),
+      // Closing the store is deliberate: only an unexpected end is worth a line.
+      onUnhandledFailure: (f) => {
+        if (f.kind !== 'closed') logLine({ level: 'error', msg: 'state watch ended', kind: f.kind, error: f.error.message });
+      },
+    });
 
     db.pragma(`busy_timeout = ${Math.max(0, Math.floor(opts.busyTimeoutMs ?? DEFAULT_BUSY_TIMEOUT_MS))}`);
     if (!memory) {
@@ -313,115 +188,87 @@ export class SqliteStateStore implements StateStore {
     }
     db.pragma('synchronous = NORMAL');
     db.pragma('foreign_keys = OFF');
+    migrate(db, location);
 
-    const userVersion = db.pragma('user_version', { simple: true }) as number;
-    if (userVersion > SCHEMA_VERSION) {
-      throw new HfError('HF_ERR_DATA_DIR', `state database ${location} has schema version ${userVersion}, newer than this Hyperfold supports (${SCHEMA_VERSION})`);
-    }
-    db.exec(`
-      BEGIN IMMEDIATE;
-      CREATE TABLE IF NOT EXISTS meta (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        revision INTEGER NOT NULL,
-        compact_revision INTEGER NOT NULL
-      );
-      INSERT OR IGNORE INTO meta (id, revision, compact_revision) VALUES (1, 0, 0);
-      CREATE TABLE IF NOT EXISTS kv (
-        key TEXT NOT NULL PRIMARY KEY,
-        value TEXT NOT NULL CHECK (json_valid(value)),
-        create_rev INTEGER NOT NULL,
-        mod_rev INTEGER NOT NULL,
-        version INTEGER NOT NULL
-      );
-      CREATE INDEX IF NOT EXISTS kv_meta ON kv (key, create_rev, mod_rev, version);
-      CREATE TABLE IF NOT EXISTS changes (
-        rev INTEGER NOT NULL,
-        seq INTEGER NOT NULL,
-        key TEXT NOT NULL,
-        type TEXT NOT NULL CHECK (type IN ('put', 'delete')),
-        value TEXT,
-        PRIMARY KEY (rev, seq)
-      );
-      PRAGMA user_version = ${SCHEMA_VERSION};
-      COMMIT;
-    `);
-
-    const kvCols = 'key, value, create_rev, mod_rev, version';
-    const metaCols = 'key, create_rev, mod_rev, version';
+    const kvCols = 'key, value, create_rev, mod_rev, version, lease';
+    const metaCols = 'key, create_rev, mod_rev, version, lease';
     this.stmt = {
       getMeta: db.prepare<[], MetaRow>('SELECT revision, compact_revision FROM meta WHERE id = 1'),
       setRevision: db.prepare<[number]>('UPDATE meta SET revision = ? WHERE id = 1'),
       setCompactRevision: db.prepare<[number]>('UPDATE meta SET compact_revision = ? WHERE id = 1'),
       get: db.prepare<[string], KvRow>(`SELECT ${kvCols} FROM kv WHERE key = ?`).raw(true),
-      getModRev: db.prepare<[string], number>('SELECT mod_rev FROM kv WHERE key = ?').pluck(true),
+      getCmp: db.prepare<[string], CmpRow>('SELECT value, create_rev, mod_rev, version FROM kv WHERE key = ?').raw(true),
       listFrom: db.prepare<[string], KvRow>(`SELECT ${kvCols} FROM kv WHERE key >= ? ORDER BY key`).raw(true),
       listRange: db.prepare<[string, string], KvRow>(`SELECT ${kvCols} FROM kv WHERE key >= ? AND key < ? ORDER BY key`).raw(true),
-      // Served by the covering index kv_meta: no value pages are read.
+      // Served by the covering index kv_meta2: no value pages are read.
       metaFrom: db.prepare<[string], KvMetaRow>(`SELECT ${metaCols} FROM kv WHERE key >= ? ORDER BY key`).raw(true),
       metaRange: db.prepare<[string, string], KvMetaRow>(`SELECT ${metaCols} FROM kv WHERE key >= ? AND key < ? ORDER BY key`).raw(true),
       valueOf: db.prepare<[string], string>('SELECT value FROM kv WHERE key = ?').pluck(true),
-      upsert: db.prepare<[string, string, number, number]>(
-        `INSERT INTO kv (key, value, create_rev, mod_rev, version) VALUES (?, ?, ?, ?, 1)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mod_rev = excluded.mod_rev, version = version + 1`,
+      upsert: db.prepare<[string, string, number, number, number]>(
+        `INSERT INTO kv (key, value, create_rev, mod_rev, version, lease) VALUES (?, ?, ?, ?, 1, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mod_rev = excluded.mod_rev, version = version + 1, lease = excluded.lease`,
       ),
       del: db.prepare<[string], string>('DELETE FROM kv WHERE key = ? RETURNING value').pluck(true),
       logChange: db.prepare<[number, number, string, string, string | null]>('INSERT INTO changes (rev, seq, key, type, value) VALUES (?, ?, ?, ?, ?)'),
       changesSince: db.prepare<[number], ChangeRow>('SELECT rev, key, type, value FROM changes WHERE rev > ? ORDER BY rev, seq').raw(true),
-      pruneChanges: db.prepare<[number]>('DELETE FROM changes WHERE rev <= ?'),
+      pruneChanges: db.prepare<[number]>('DELETE FROM changes WHERE rev < ?'),
     };
+    this.leases = new LeaseTable(db);
 
-    this.listTxn = db.transaction((prefix: string): KvEntry[] => {
+    this.listTxn = db.transaction((prefix: string): ListResult => {
       const upper = prefixUpperBound(prefix);
       const metas = upper === undefined ? this.stmt.metaFrom.all(prefix) : this.stmt.metaRange.all(prefix, upper);
       const out: KvEntry[] = new Array<KvEntry>(metas.length);
       const missed: number[] = [];
       for (let i = 0; i < metas.length; i++) {
-        const [key, createRevision, modRevision, version] = metas[i] as KvMetaRow;
+        const [key, createRevision, modRevision, version, lease] = metas[i] as KvMetaRow;
         const value = this.cache.peek<unknown>(key, modRevision);
         if (value === undefined) missed.push(i);
-        else out[i] = { key, value, createRevision, modRevision, version };
+        else out[i] = entry(key, value, createRevision, modRevision, version, lease);
       }
       // Same snapshot, so a range scan returns the same rows in the same order.
       const rows = missed.length > LIST_SCAN_MISSES ? (upper === undefined ? this.stmt.listFrom.all(prefix) : this.stmt.listRange.all(prefix, upper)) : undefined;
       for (const i of missed) {
-        const [key, createRevision, modRevision, version] = metas[i] as KvMetaRow;
+        const [key, createRevision, modRevision, version, lease] = metas[i] as KvMetaRow;
         const row = rows?.[i];
         const json = row !== undefined && row[0] === key ? row[1] : (this.stmt.valueOf.get(key) as string);
-        out[i] = { key, value: this.cache.read<unknown>(key, modRevision, json), createRevision, modRevision, version };
+        out[i] = entry(key, this.cache.read<unknown>(key, modRevision, json), createRevision, modRevision, version, lease);
       }
-      return out;
+      return { entries: out, revision: (this.stmt.getMeta.get() as MetaRow).revision };
     });
 
-    this.writeTxn = db.transaction((compares: Compare[], ops: PreparedOp[]) => {
+    this.writeTxn = db.transaction((compares: PreparedCompare[], ops: PreparedOp[], now: number) => {
       const meta = this.stmt.getMeta.get() as MetaRow;
       for (const c of compares) {
-        const modRev = this.stmt.getModRev.get(c.key) ?? 0;
-        if (modRev !== c.modRevision) return { result: { succeeded: false, revision: meta.revision }, changes: [] };
+        if (!compareHolds(c, this.stmt.getCmp.get(c.key))) return { result: { succeeded: false, revision: meta.revision }, changes: [] };
       }
-      const rev = meta.revision + 1;
-      const changes: Change[] = [];
       for (const op of ops) {
-        if (op.type === 'put') {
-          const json = op.json as string;
-          this.stmt.upsert.run(op.key, json, rev, rev);
-          this.stmt.logChange.run(rev, changes.length, op.key, 'put', json);
-          changes.push({ type: 'put', key: op.key, json, rev });
-        } else {
-          const prev = this.stmt.del.get(op.key);
-          if (prev === undefined) continue; // deleting a missing key changes nothing (no new revision)
-          this.stmt.logChange.run(rev, changes.length, op.key, 'delete', prev);
-          changes.push({ type: 'delete', key: op.key, json: prev, rev });
-        }
+        // Thrown inside the transaction: nothing of it is applied.
+        if (op.lease !== 0 && this.leases.live(op.lease, now) === undefined) throw leaseNotFound(String(op.lease));
       }
-      if (changes.length === 0) return { result: { succeeded: true, revision: meta.revision }, changes };
-      this.stmt.setRevision.run(rev);
-      const keepAfter = rev - this.historyLimit;
-      if (keepAfter > meta.compact_revision) {
-        this.stmt.pruneChanges.run(keepAfter);
-        this.stmt.setCompactRevision.run(keepAfter);
-      }
-      return { result: { succeeded: true, revision: rev }, changes };
+      const changes = this.apply(ops, meta);
+      return { result: { succeeded: true, revision: changes.length === 0 ? meta.revision : meta.revision + 1 }, changes };
     });
+
+    this.revokeTxn = db.transaction((row: number, now: number, mustBeLive: boolean): Change[] => {
+      if (mustBeLive && this.leases.live(row, now) === undefined) throw leaseNotFound(String(row));
+      const ops = this.leases.keys(row).map((key): PreparedOp => ({ type: 'delete', key, json: null, lease: 0 }));
+      const changes = this.apply(ops, this.stmt.getMeta.get() as MetaRow);
+      this.leases.remove(row);
+      return changes;
+    });
+
+    const every = Math.max(0, Math.floor(opts.sweepIntervalMs ?? DEFAULT_SWEEP_INTERVAL_MS));
+    if (every > 0) {
+      this.sweeper = setInterval(() => {
+        try {
+          this.expire();
+        } catch (e) {
+          logLine({ level: 'error', msg: 'lease sweep failed', error: errMessage(e) });
+        }
+      }, every);
+      this.sweeper.unref();
+    }
   }
 
   /** The database file (absolute), or ':memory:'. */
@@ -431,17 +278,21 @@ export class SqliteStateStore implements StateStore {
 
   async get<T = unknown>(key: string): Promise<KvEntry<T> | undefined> {
     this.checkOpen();
+    this.expire();
     const row = this.sql(() => this.stmt.get.get(key));
-    return row === undefined ? undefined : this.toEntry<T>(row);
+    if (row === undefined) return undefined;
+    const [k, json, createRevision, modRevision, version, lease] = row;
+    return entry(k, this.cache.read<T>(k, modRevision, json), createRevision, modRevision, version, lease);
   }
 
-  async list<T = unknown>(prefix: string): Promise<KvEntry<T>[]> {
+  async list<T = unknown>(prefix: string): Promise<ListResult<T>> {
     this.checkOpen();
-    return this.sql(() => this.listTxn(prefix)) as KvEntry<T>[];
+    this.expire();
+    return this.sql(() => this.listTxn(prefix)) as ListResult<T>;
   }
 
-  async put(key: string, value: unknown): Promise<number> {
-    return this.write([], [{ type: 'put', key, value }]).result.revision;
+  async put(key: string, value: unknown, opts: PutOptions = {}): Promise<number> {
+    return this.write([], [{ type: 'put', key, value, lease: opts.lease }]).result.revision;
   }
 
   async delete(key: string): Promise<boolean> {
@@ -454,68 +305,119 @@ export class SqliteStateStore implements StateStore {
 
   async revision(): Promise<number> {
     this.checkOpen();
+    this.expire();
     return this.sql(() => (this.stmt.getMeta.get() as MetaRow).revision);
   }
 
-  /** The highest revision no longer in the change log; watching from below it fails. */
+  /** The oldest revision a watch can start from (etcd's compact revision; 0 when nothing was dropped). */
   async compactRevision(): Promise<number> {
     this.checkOpen();
     return this.sql(() => (this.stmt.getMeta.get() as MetaRow).compact_revision);
   }
 
-  watch<T = unknown>(prefix: string, cb: (ev: WatchEvent<T>) => void, fromRevision?: number): Watch {
+  /**
+   * Drops the change log before `revision` (etcd's Compact): watches from an older revision then
+   * fail with `compacted`. Compacting to a revision at or below the current compact revision
+   * changes nothing; a revision above the store's is refused.
+   */
+  async compact(revision: number): Promise<void> {
     this.checkOpen();
-    const meta = this.sql(() => this.stmt.getMeta.get() as MetaRow);
-    const w: Watcher = {
-      prefix,
-      cb: cb as (ev: WatchEvent) => void,
-      afterRevision: meta.revision,
-      queue: [],
-      scheduled: false,
-      cancelled: false,
-    };
-    if (fromRevision !== undefined) {
-      if (!Number.isInteger(fromRevision) || fromRevision < 0) {
-        throw new HfError('HF_ERR_VALIDATION', `watch fromRevision must be a non-negative integer, got ${fromRevision}`);
-      }
-      if (fromRevision < meta.compact_revision) {
-        throw new HfError('HF_ERR_CONFLICT', `revision compacted: cannot watch from revision ${fromRevision}; the change log starts after revision ${meta.compact_revision}`, {
-          details: { fromRevision, compactRevision: meta.compact_revision, revision: meta.revision },
-        });
-      }
-      w.afterRevision = fromRevision;
-      // Replay synchronously-read history; later commits are queued behind it, so no gap and no
+    this.sql(() =>
+      this.db.transaction(() => {
+        const meta = this.stmt.getMeta.get() as MetaRow;
+        if (!Number.isInteger(revision) || revision < 0 || revision > meta.revision) {
+          throw new HfError('HF_ERR_VALIDATION', `cannot compact to revision ${revision}: the store is at revision ${meta.revision}`);
+        }
+        if (revision <= meta.compact_revision) return;
+        this.stmt.pruneChanges.run(revision);
+        this.stmt.setCompactRevision.run(revision);
+      }).immediate(),
+    );
+  }
+
+  watch<T = unknown>(prefix: string, cb: (ev: WatchEvent<T>) => void, opts: WatchOptions = {}): Watch {
+    if (typeof prefix !== 'string') throw new HfError('HF_ERR_VALIDATION', 'watch prefix must be a string');
+    const from = opts.fromRevision;
+    if (from !== undefined && (!Number.isInteger(from) || from < 0)) {
+      throw new HfError('HF_ERR_VALIDATION', `watch fromRevision must be a non-negative integer, got ${from}`);
+    }
+    if (this.closed) return this.hub.failed(opts.onError, { kind: 'closed', error: this.closedError() });
+    let meta: MetaRow;
+    const replay: WatchEvent[] = [];
+    try {
+      this.expire();
+      meta = this.sql(() => this.stmt.getMeta.get() as MetaRow);
+      if (from !== undefined && from < meta.compact_revision) return this.hub.failed(opts.onError, compactedFailure(from, meta));
+      // History read synchronously: later commits are dispatched behind it, so no gap and no
       // duplicate (everything here runs on one thread).
-      const rows = this.sql(() => this.stmt.changesSince.all(fromRevision));
+      const rows = from === undefined ? [] : this.sql(() => this.stmt.changesSince.all(from - 1));
       for (const [rev, key, type, value] of rows) {
         if (!key.startsWith(prefix)) continue;
-        w.queue.push({
-          type: type === 'delete' ? 'delete' : 'put',
-          key,
-          value: value === null ? undefined : fromJson<unknown>(key, value),
-          modRevision: rev,
-        });
+        replay.push({ type: type === 'delete' ? 'delete' : 'put', key, value: value === null ? undefined : fromJson<unknown>(key, value), modRevision: rev });
       }
-      this.schedule(w);
+    } catch (e) {
+      return this.hub.failed(opts.onError, { kind: 'disconnected', error: toHfError(e) });
     }
-    this.watchers.add(w);
-    return {
-      cancel: () => {
-        w.cancelled = true;
-        w.queue.length = 0;
-        this.watchers.delete(w);
-      },
-    };
+    const after = from === undefined ? meta.revision : from - 1;
+    return this.hub.add(prefix, cb as (ev: WatchEvent) => void, opts.onError, after, replay);
+  }
+
+  async grant(ttlSeconds: number): Promise<LeaseId> {
+    this.checkOpen();
+    checkTtl(ttlSeconds);
+    const now = this.clock();
+    this.expire(now);
+    return this.sql(() => this.leases.grant(ttlSeconds, now));
+  }
+
+  async keepAlive(id: LeaseId): Promise<number> {
+    this.checkOpen();
+    const now = this.clock();
+    this.expire(now);
+    const row = leaseRowId(id);
+    if (row === undefined) throw leaseNotFound(id);
+    return this.sql(() =>
+      this.db.transaction(() => {
+        const lease = this.leases.live(row, now);
+        if (lease === undefined || !this.leases.renew(row, now)) throw leaseNotFound(id);
+        return lease.ttl;
+      }).immediate(),
+    );
+  }
+
+  async revoke(id: LeaseId): Promise<void> {
+    this.checkOpen();
+    const now = this.clock();
+    this.expire(now);
+    const row = leaseRowId(id);
+    if (row === undefined) throw leaseNotFound(id);
+    this.afterCommit(this.sql(() => this.revokeTxn.immediate(row, now, true)));
+  }
+
+  async timeToLive(id: LeaseId): Promise<LeaseStatus | undefined> {
+    this.checkOpen();
+    const now = this.clock();
+    this.expire(now);
+    const row = leaseRowId(id);
+    if (row === undefined) return undefined;
+    return this.sql(() => {
+      const lease = this.leases.live(row, now);
+      if (lease === undefined) return undefined;
+      return { id, ttl: Math.ceil((lease.expiresAt - now) / 1000), grantedTtl: lease.ttl, keys: this.leases.keys(row) };
+    });
+  }
+
+  /** Deletes the keys of every lease expired by the store's clock now; returns how many leases ended. */
+  async sweep(): Promise<number> {
+    this.checkOpen();
+    return this.sweepAt(this.clock());
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const w of this.watchers) {
-      w.cancelled = true;
-      w.queue.length = 0;
-    }
-    this.watchers.clear();
+    if (this.sweeper !== undefined) clearInterval(this.sweeper);
+    this.hub.failAll({ kind: 'closed', error: this.closedError() });
     this.db.close();
   }
 
@@ -523,79 +425,78 @@ export class SqliteStateStore implements StateStore {
 
   private write(compares: Compare[], ops: TxnOp[]): { result: TxnResult; changed: number } {
     this.checkOpen();
-    for (const c of compares) {
-      checkKey(c.key);
-      if (!Number.isInteger(c.modRevision) || c.modRevision < 0) {
-        throw new HfError('HF_ERR_VALIDATION', `compare on ${c.key}: modRevision must be a non-negative integer, got ${c.modRevision}`);
-      }
-    }
+    const pc = compares.map(prepareCompare);
     const seen = new Set<string>();
     const prepared: PreparedOp[] = ops.map((op) => {
       checkKey(op.key);
       if (seen.has(op.key)) throw new HfError('HF_ERR_VALIDATION', `state key ${op.key} appears more than once in one transaction`);
       seen.add(op.key);
-      if (op.type === 'put') return { type: 'put', key: op.key, json: toJson(op.key, op.value) };
-      if (op.type === 'delete') return { type: 'delete', key: op.key, json: null };
-      throw new HfError('HF_ERR_VALIDATION', `unknown transaction op type ${String((op as { type: unknown }).type)}`);
+      if (op.type === 'delete') return { type: 'delete', key: op.key, json: null, lease: 0 };
+      if (op.type !== 'put') throw new HfError('HF_ERR_VALIDATION', `unknown transaction op type ${String((op as { type: unknown }).type)}`);
+      let lease = 0;
+      if (op.lease !== undefined) {
+        const row = leaseRowId(op.lease);
+        if (row === undefined) throw leaseNotFound(op.lease);
+        lease = row;
+      }
+      return { type: 'put', key: op.key, json: toJson(op.key, op.value), lease };
     });
-    const { result, changes } = this.sql(() => this.writeTxn.immediate(compares, prepared));
-    for (const c of changes) if (c.type === 'delete') this.cache.drop(c.key);
-    if (changes.length > 0) this.dispatch(changes);
+    const now = this.clock();
+    this.expire(now);
+    const { result, changes } = this.sql(() => this.writeTxn.immediate(pc, prepared, now));
+    this.afterCommit(changes);
     return { result, changed: changes.length };
   }
 
-  /** Queues committed changes for every interested watcher (each gets its own parsed copy). */
-  private dispatch(changes: Change[]): void {
-    for (const w of this.watchers) {
-      let added = false;
-      for (const c of changes) {
-        if (c.rev > w.afterRevision && c.key.startsWith(w.prefix)) {
-          w.queue.push({ type: c.type, key: c.key, value: JSON.parse(c.json) as unknown, modRevision: c.rev });
-          added = true;
-        }
+  /** Applies ops at the next revision inside a write transaction; bumps the revision only if something changed. */
+  private apply(ops: PreparedOp[], meta: MetaRow): Change[] {
+    const rev = meta.revision + 1;
+    const changes: Change[] = [];
+    for (const op of ops) {
+      if (op.type === 'put') {
+        const json = op.json as string;
+        this.stmt.upsert.run(op.key, json, rev, rev, op.lease);
+        this.stmt.logChange.run(rev, changes.length, op.key, 'put', json);
+        changes.push({ type: 'put', key: op.key, json, rev });
+      } else {
+        const prev = this.stmt.del.get(op.key);
+        if (prev === undefined) continue; // deleting a missing key changes nothing (no new revision)
+        this.stmt.logChange.run(rev, changes.length, op.key, 'delete', prev);
+        changes.push({ type: 'delete', key: op.key, json: prev, rev });
       }
-      if (added) this.schedule(w);
     }
-  }
-
-  private schedule(w: Watcher): void {
-    if (w.scheduled || w.queue.length === 0) return;
-    w.scheduled = true;
-    queueMicrotask(() => this.drain(w));
-  }
-
-  /** Delivers a watcher's queue in order; events queued by its own callback are delivered here too. */
-  private drain(w: Watcher): void {
-    try {
-      while (!w.cancelled && w.queue.length > 0) {
-        const ev = w.queue.shift() as WatchEvent;
-        try {
-          const r = w.cb(ev) as unknown;
-          if (r instanceof Promise) r.catch((err: unknown) => this.reportWatcherError(err, ev));
-        } catch (err) {
-          this.reportWatcherError(err, ev);
-        }
-      }
-    } finally {
-      w.scheduled = false;
+    if (changes.length === 0) return changes;
+    this.stmt.setRevision.run(rev);
+    const keepFrom = rev - this.historyLimit + 1;
+    if (keepFrom > meta.compact_revision) {
+      this.stmt.pruneChanges.run(keepFrom);
+      this.stmt.setCompactRevision.run(keepFrom);
     }
+    return changes;
   }
 
-  private reportWatcherError(err: unknown, ev: WatchEvent): void {
-    try {
-      this.onWatcherError(err, ev);
-    } catch {
-      // an error reporter that throws must not break delivery either
-    }
+  private afterCommit(changes: Change[]): void {
+    for (const c of changes) if (c.type === 'delete') this.cache.drop(c.key);
+    if (changes.length > 0) this.hub.dispatch(changes);
   }
 
-  private toEntry<T>(row: KvRow): KvEntry<T> {
-    const [key, value, createRevision, modRevision, version] = row;
-    return { key, value: this.cache.read<T>(key, modRevision, value), createRevision, modRevision, version };
+  /** Ends the leases expired at `now` (each at its own revision, as etcd does). */
+  private expire(now = this.clock()): void {
+    if (this.sql(() => this.leases.anyExpired(now))) this.sweepAt(now);
+  }
+
+  private sweepAt(now: number): number {
+    const rows = this.sql(() => this.leases.expired(now));
+    for (const row of rows) this.afterCommit(this.sql(() => this.revokeTxn.immediate(row, now, false)));
+    return rows.length;
+  }
+
+  private closedError(): HfError {
+    return new HfError('HF_ERR_INTERNAL', `state store ${this.location} is closed`);
   }
 
   private checkOpen(): void {
-    if (this.closed) throw new HfError('HF_ERR_INTERNAL', `state store ${this.location} is closed`);
+    if (this.closed) throw this.closedError();
   }
 
   /** Runs a database call, turning SQLite errors into HfErrors that name the database. */
@@ -607,4 +508,8 @@ export class SqliteStateStore implements StateStore {
       throw new HfError(storageErrorCode(e), `state database ${this.location}: ${errMessage(e)}`, { cause: e, details: { path: this.location } });
     }
   }
+}
+
+function entry<T>(key: string, value: T, createRevision: number, modRevision: number, version: number, lease: number): KvEntry<T> {
+  return lease === 0 ? { key, value, createRevision, modRevision, version } : { key, value, createRevision, modRevision, version, lease: String(lease) };
 }

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { HfError, isHfError } from '../../src/core/errors.js';
 import { Collection, type CollectionEvent } from '../../src/state/collection.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
-import type { Compare, StateStore, TxnOp, TxnResult } from '../../src/state/store.js';
+import type { Compare, StateStore, TxnOp, TxnResult, WatchFailure } from '../../src/state/store.js';
 
 const itemSchema = z.object({
   name: z.string(),
@@ -30,14 +30,18 @@ class InterferingStore implements StateStore {
   ) {}
   get: StateStore['get'] = (k) => this.inner.get(k);
   list: StateStore['list'] = (p) => this.inner.list(p);
-  put = (k: string, v: unknown): Promise<number> => this.inner.put(k, v);
+  put: StateStore['put'] = (k, v, o) => this.inner.put(k, v, o);
   delete = (k: string): Promise<boolean> => this.inner.delete(k);
   async txn(compares: Compare[], ops: TxnOp[]): Promise<TxnResult> {
     await this.beforeTxn(++this.txnCalls);
     return this.inner.txn(compares, ops);
   }
   revision = (): Promise<number> => this.inner.revision();
-  watch: StateStore['watch'] = (p, cb, from) => this.inner.watch(p, cb, from);
+  watch: StateStore['watch'] = (p, cb, o) => this.inner.watch(p, cb, o);
+  grant: StateStore['grant'] = (ttl) => this.inner.grant(ttl);
+  keepAlive: StateStore['keepAlive'] = (id) => this.inner.keepAlive(id);
+  revoke: StateStore['revoke'] = (id) => this.inner.revoke(id);
+  timeToLive: StateStore['timeToLive'] = (id) => this.inner.timeToLive(id);
   close = (): Promise<void> => this.inner.close();
 }
 
@@ -315,10 +319,50 @@ describe('Collection: watch', () => {
     await items.create('b', item('b', 1));
     await items.update('a', (c) => ({ ...c, count: 9 }));
     const events: CollectionEvent<Item>[] = [];
-    const w = items.watch((ev) => events.push(ev), mark);
+    const w = items.watch((ev) => events.push(ev), { fromRevision: mark + 1 });
     await settle();
     w.cancel();
     assert.deepEqual(events.map((e) => `${e.type} ${e.id}=${e.value?.count}@${e.revision}`), ['put b=1@2', 'put a=9@3']);
+    await store.close();
+  });
+});
+
+describe('Collection: store contract pieces', () => {
+  test('listAt gives ids and the revision read at; list() keeps its old shape', async () => {
+    const { store, items } = setup();
+    await items.create('b', item('b'));
+    await items.create('a', item('a'));
+    await store.put('/elsewhere', 1);
+    const at = await items.listAt();
+    assert.equal(at.revision, 3);
+    assert.deepEqual(at.items.map((v) => [v.id, v.revision]), [['a', 2], ['b', 1]]);
+    assert.deepEqual(await items.list(), [{ value: item('a'), revision: 2 }, { value: item('b'), revision: 1 }]);
+    await store.close();
+  });
+
+  test('update keeps a record on its lease; remove tells the revision of the delete', async () => {
+    const { store, items } = setup();
+    const lease = await store.grant(60);
+    await items.create('a', item('a'), { lease });
+    await items.update('a', (c) => ({ ...c, count: 1 }));
+    assert.equal((await store.get('/items/a'))?.lease, lease);
+    await store.revoke(lease);
+    assert.equal(await items.get('a'), undefined);
+    await items.create('b', item('b'));
+    const before = await store.revision();
+    assert.equal(await items.remove('b'), before + 1);
+    assert.equal(await items.remove('b'), undefined);
+    await store.close();
+  });
+
+  test('a watch from a compacted revision reports it to onError', async () => {
+    const { store, items } = setup();
+    for (let i = 0; i < 4; i++) await items.create(`i${i}`, item(`i${i}`));
+    await store.compact(3);
+    const failure = await new Promise<WatchFailure>((resolve) => {
+      items.watch(() => assert.fail('no event expected'), { fromRevision: 1, onError: resolve });
+    });
+    assert.ok(failure.kind === 'compacted' && failure.compactRevision === 3);
     await store.close();
   });
 });
