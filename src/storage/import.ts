@@ -118,7 +118,7 @@ async function inspectOva(qemuImg: QemuImg, path: string, name: string): Promise
   } catch (e) {
     throw new HfError('HF_ERR_BAD_IMAGE', `${name} is not a readable OVA: ${(e as TarError).message}`, { cause: e });
   }
-  const files = entries.filter((e) => e.type === '0');
+  const files = entries.filter((e) => e.type === 'file');
   const ovfs = files.filter((e) => e.name.toLowerCase().endsWith('.ovf'));
   if (!ovfs.length) {
     throw new HfError('HF_ERR_BAD_IMAGE', `${name} contains no OVF descriptor (.ovf): not an OVA (entries: ${files.map((e) => e.name).slice(0, 10).join(', ') || 'none'})`);
