@@ -221,7 +221,7 @@ export function registerStorageCommands(ctx: CliContext): void {
   ctx.program
     .command('copy <source> <destination>')
     .alias('cp')
-    .description('copy a stopped instance: full, or --linked (a qcow2 delta on the same image)')
+    .description('copy an instance: a stopped VM in full, or --linked (a qcow2 delta on the same image); a container (frozen while copied if it runs)')
     .option('--linked', 'share the image through a qcow2 backing file (fast, small)')
     .action(async (source: string, destination: string, o: { linked?: boolean }) => {
       const { operation } = await api().request<{ operation: Operation }>('POST', `/api/v1/instances/${enc(source)}/copy`, { name: destination, linked: Boolean(o.linked) });
