@@ -7,7 +7,7 @@ import type { InstanceService } from '../services/instances.js';
 import type { NetworkService } from '../services/networks.js';
 import type { OperationManager } from '../services/operations.js';
 import type { SnapshotService } from '../services/snapshots.js';
-import type { StorageService } from '../services/storage.js';
+import type { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
 
 export interface ApiServices {
   instances: InstanceService;
@@ -16,10 +16,12 @@ export interface ApiServices {
   events: EventBus;
   host: () => Promise<HostInfo>;
   version: string;
-  /** Container exec, snapshots, copies and image imports (absent where containers are not wired). */
+  /** Container exec, info and image imports (absent where containers are not wired). */
   containers?: ContainerService;
-  /** Pools, volumes, image import/export, copies (absent in tests that do not need them). */
+  /** Pools and volumes; image import/export/publish; copies (absent in tests that do not need them). */
   storage?: StorageService;
+  transfers?: ImageTransferService;
+  copies?: CopyService;
   snapshots?: SnapshotService;
   /** Networks, NICs, firewall, port forwards (absent in tests that do not need them). */
   networks?: NetworkService;

@@ -24,7 +24,7 @@ import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';
 import type { InstanceExtension } from '../services/extensions.js';
 import { SnapshotService } from '../services/snapshots.js';
-import { StorageService } from '../services/storage.js';
+import { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
 import type { StateStore } from '../state/store.js';
 import { useCommandRunner } from '../util/exec.js';
@@ -103,17 +103,18 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
     consoleLogMaxBytes: config.consoleLogMaxBytes,
   });
 
-  const storage = new StorageService({ store, paths, operations, instances, images, events, log: log.child({ component: 'storage' }) });
+  const storageLog = log.child({ component: 'storage' });
+  const storage = new StorageService({ store, defaultPoolPath: paths.root, instances, images, events, log: storageLog });
   await storage.init();
-  const snapshots = new SnapshotService({ store, instances, operations, storage, events, log: log.child({ component: 'snapshots' }) });
+  const transfers = new ImageTransferService({ storage, instances, images, operations, events, log: storageLog });
+  const copies = new CopyService({ storage, instances, operations, drivers, events, log: storageLog });
+  const snapshots = new SnapshotService({ store, instances, operations, drivers, events, log: log.child({ component: 'snapshots' }) });
   extensions.push(snapshots.extension());
   const netHost = new LinuxNetHost(log.child({ component: 'network' }), { onDhcpRestart: (network, pid) => events.publish('network.dhcp-restarted', { network, pid }) });
   const networks = new NetworkService({ store, host: netHost, names: new NetNames(tagFor(paths.root)), networksDir: `${paths.root}/networks`, dataDir: paths.root, events, operations, log: log.child({ component: 'network' }) });
   networks.bindInstances(instances);
   extensions.push(networks.extension);
-  const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, paths, log: log.child({ component: 'containers' }) });
-  snapshots.registerProvider('container', containers.snapshotProvider());
-  storage.registerCopyProvider('container', containers.copyProvider());
+  const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, cacheDir: paths.cacheDir, log: log.child({ component: 'containers' }) });
 
   // Did the host boot since we last ran? Then autostart instances start.
   const hostKey = `/hosts/${config.hostName}`;
@@ -133,6 +134,8 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
     images,
     events,
     storage,
+    transfers,
+    copies,
     snapshots,
     containers,
     networks,

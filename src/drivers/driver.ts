@@ -144,4 +144,26 @@ export interface InstanceDriver {
   attach(instance: Instance, ctx: StartContext): Promise<InstanceHandle | null>;
   /** Removes runtime leftovers (sockets, pid files) after the instance stopped. */
   cleanup(instance: Instance, paths: InstancePaths): Promise<void>;
+
+  // ---- optional capabilities: a driver without one makes the service answer HF_ERR_UNSUPPORTED ----
+
+  /**
+   * Snapshots of what the driver keeps outside disk images (a container's root filesystem and
+   * definition), for the shared SnapshotService. The caller holds the instance's lock and freezes
+   * a running instance meanwhile; nothing is left when it fails. `stateful`: it was running.
+   */
+  createRootfsSnapshot?(instance: Instance, paths: InstancePaths, tag: string, opts: { stateful: boolean }): Promise<void>;
+  /** Puts a snapshot back (instance stopped; the caller holds its lock); returns the definition saved with it. */
+  revertRootfsSnapshot?(instance: Instance, paths: InstancePaths, tag: string): Promise<InstanceConfig>;
+  /** Removes a snapshot; one already gone is not an error. */
+  deleteRootfsSnapshot?(instance: Instance, paths: InstancePaths, tag: string): Promise<void>;
+  /**
+   * Copies, for the shared copy path: the next `provision` of `dstName` fills the new instance
+   * from `src` (its root filesystem, in an id range of its own, and what came from its image)
+   * instead of from an image. The caller holds src's lock, with src stopped or frozen, and calls
+   * the returned release once the create is over, whatever its outcome.
+   */
+  prepareCopy?(src: Instance, srcPaths: InstancePaths, dstName: string): Promise<() => void>;
+  /** What the driver keeps about an instance in its files (container: id map, init, snapshots), for `info`. */
+  describe?(instance: Instance, paths: InstancePaths): Promise<Record<string, unknown>>;
 }

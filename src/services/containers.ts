@@ -1,19 +1,15 @@
 // What only containers have, next to the instance service that runs their lifecycle: exec,
-// live cgroup figures, snapshots and copies (root filesystem plus definition), image imports
-// (OCI layout, docker-archive, rootfs tarball) and the built-in container image builders.
+// live cgroup figures, image imports (OCI layout, docker-archive, rootfs tarball) and the
+// built-in container image builders. Snapshots and copies are the shared ones (SnapshotService,
+// storage/copies.ts), through the container driver's capabilities.
 import { join } from 'node:path';
 import { HfError } from '../core/errors.js';
 import { isActive } from '../core/lifecycle.js';
 import { nameSchema, type Instance } from '../core/model/instance.js';
 import type { Operation } from '../core/model/operation.js';
-import type { ExecOptions, ExecSession, InstanceHandle } from '../drivers/driver.js';
-import type { SnapshotRecord } from '../storage/model.js';
-import type { UndoStack } from '../util/undo.js';
+import type { ExecOptions, ExecSession, InstanceDriver } from '../drivers/driver.js';
 import { parseInput } from '../core/validate.js';
 import { z } from 'zod';
-import type { DataPaths } from '../daemon/config.js';
-import { readMeta, type ContainerDriver } from '../drivers/container/driver.js';
-import { createSnapshot, deleteSnapshot, listSnapshots, revertToSnapshot, snapshotExists, type SnapshotInfo } from '../drivers/container/snapshots.js';
 import { buildBusyboxImage, readBusyboxManifest, type BusyboxManifest } from '../images/container/busybox.js';
 import { buildDebianImage, readDebianManifest, type DebianManifest } from '../images/container/debian.js';
 import { IMPORT_FORMATS, importContainerImage } from '../images/container/oci.js';
@@ -21,15 +17,17 @@ import type { Logger } from '../util/log.js';
 import type { EventBus } from './events.js';
 import type { ImageBuilder, ImageService } from './images.js';
 import type { InstanceService } from './instances.js';
-import type { OperationContext, OperationManager } from './operations.js';
+import type { OperationManager } from './operations.js';
 
 export interface ContainerServiceDeps {
   instances: InstanceService;
   images: ImageService;
   operations: OperationManager;
   events: EventBus;
-  driver: ContainerDriver;
-  paths: DataPaths;
+  /** The container driver, through the driver interface (its `describe` feeds `info`). */
+  driver: InstanceDriver;
+  /** Where image imports keep their downloads and unpacked layers. */
+  cacheDir: string;
   log: Logger;
 }
 
@@ -57,8 +55,6 @@ export const execSessionSchema = z
   })
   .strict();
 
-export const snapshotRequestSchema = z.object({ name: nameSchema, description: z.string().max(1024).optional() }).strict();
-export const copyRequestSchema = z.object({ name: nameSchema, description: z.string().max(1024).optional() }).strict();
 export const importRequestSchema = z
   .object({
     name: nameSchema,
@@ -86,10 +82,6 @@ export class ContainerService {
     const inst = await this.d.instances.get(name);
     if (inst.type !== 'container') throw new HfError('HF_ERR_UNSUPPORTED', `instance "${name}" is a ${inst.type}, not a container`);
     return inst;
-  }
-
-  private dir(name: string): string {
-    return this.d.instances.paths(name).dir;
   }
 
   // ---- exec and live state -----------------------------------------------------------------------
@@ -142,168 +134,10 @@ export class ContainerService {
   /** The record plus what only a running container knows (cgroup usage, id map). */
   async info(name: string): Promise<{ instance: Instance; container: Record<string, unknown> }> {
     const inst = await this.container(name);
-    const meta = await readMeta(this.dir(name)).catch(() => undefined);
     const handle = this.d.instances.handle(name);
     const live = handle?.liveInfo ? await handle.liveInfo().catch(() => undefined) : undefined;
-    return {
-      instance: inst,
-      container: {
-        privileged: inst.config.privileged === true,
-        idmap: meta?.idmap ?? null,
-        init: meta?.init,
-        stopSignal: meta?.stopSignal,
-        cgroupMode: this.d.driver.layout.mode,
-        snapshots: (await listSnapshots(this.dir(name))).length,
-        live: live ?? null,
-      },
-    };
-  }
-
-  // ---- snapshots ---------------------------------------------------------------------------------
-
-  async listSnapshots(name: string): Promise<SnapshotInfo[]> {
-    await this.container(name);
-    return listSnapshots(this.dir(name));
-  }
-
-  /** Copies the root filesystem and definition; a running container is frozen while copied. */
-  async createSnapshot(name: string, body: unknown): Promise<Operation> {
-    const req = parseInput(snapshotRequestSchema, body);
-    await this.container(name);
-    if (await snapshotExists(this.dir(name), req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `snapshot "${req.name}" of ${name} already exists`);
-    return this.d.operations.start('container.snapshot.create', { kind: 'instance', name }, (ctx) =>
-      this.d.instances.withInstance(name, 'snapshot', (inst, handle) => this.snapshotLocked(inst, handle, req.name, req.description, ctx)),
-    );
-  }
-
-  /** Under the instance's lock. */
-  private async snapshotLocked(inst: Instance, handle: InstanceHandle | undefined, snap: string, description: string | undefined, ctx: OperationContext): Promise<SnapshotInfo> {
-    const freeze = handle !== undefined && inst.state === 'running';
-    if (freeze) {
-      ctx.progress(5, 'freezing the container');
-      await handle.pause();
-    }
-    try {
-      ctx.progress(10, 'copying the root filesystem');
-      const info = await createSnapshot(this.dir(inst.name), snap, { ...inst.config, ...inst.pending }, { stateful: freeze, description });
-      this.d.events.publish('instance.snapshot.created', { name: inst.name, snapshot: snap });
-      return info;
-    } finally {
-      if (freeze) await handle.resume();
-    }
-  }
-
-  /** Puts the root filesystem and definition back as they were in the snapshot (container stopped). */
-  async revertSnapshot(name: string, snap: string): Promise<Operation> {
-    const inst = await this.container(name);
-    if (isActive(inst.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `container "${name}" is ${inst.state}: stop it before reverting to a snapshot`);
-    if (!(await snapshotExists(this.dir(name), snap))) throw new HfError('HF_ERR_NOT_FOUND', `snapshot "${snap}" of ${name} not found`);
-    return this.d.operations.start('container.snapshot.revert', { kind: 'instance', name }, (ctx) => this.revertUnlocked(name, snap, ctx));
-  }
-
-  private revertUnlocked(name: string, snap: string, ctx: OperationContext): Promise<{ reverted: string }> {
-    return this.d.instances.withInstance(name, 'revert', async (cur) => {
-      if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `container "${name}" is ${cur.state}: stop it before reverting`);
-      ctx.progress(10, 'copying the snapshot back');
-      const info = await revertToSnapshot(this.dir(name), snap);
-      // The definition comes back too; attachments (NICs, disks) stay as they are now.
-      await this.d.instances.patch(name, (r) => ({ ...r, config: { ...info.config, nics: r.config.nics, disks: r.config.disks }, pending: {} }));
-      this.d.events.publish('instance.snapshot.reverted', { name, snapshot: snap });
-      return { reverted: snap };
-    });
-  }
-
-  async deleteSnapshot(name: string, snap: string): Promise<void> {
-    await this.container(name);
-    await this.d.instances.withInstance(name, 'snapshot delete', () => deleteSnapshot(this.dir(name), snap));
-    this.d.events.publish('instance.snapshot.deleted', { name, snapshot: snap });
-  }
-
-  // ---- copies --------------------------------------------------------------------------------------
-
-  /** A new stopped container with a copy of the root filesystem (in its own id range) and the definition. */
-  async copy(src: string, body: unknown): Promise<Operation> {
-    const req = parseInput(copyRequestSchema, body);
-    await this.container(src);
-    const exists = await this.d.instances.get(req.name).then(() => true, () => false);
-    if (exists) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
-    return this.d.operations.start('container.copy', { kind: 'instance', name: req.name }, (ctx) =>
-      this.d.instances.withInstance(src, 'copy', (inst, handle) => this.copyLocked(inst, handle, req.name, req.description, ctx)),
-    );
-  }
-
-  /** Under the source's lock; a running source is frozen while its tree is copied. */
-  private async copyLocked(inst: Instance, handle: InstanceHandle | undefined, dst: string, description: string | undefined, ctx: OperationContext): Promise<{ name: string; from: string }> {
-    const src = inst.name;
-    const meta = await readMeta(this.dir(src));
-    const freeze = handle !== undefined && inst.state === 'running';
-    if (freeze) {
-      ctx.progress(5, `freezing ${src}`);
-      await handle.pause();
-    }
-    const release = this.d.driver.prepareCopy(dst, { dir: this.dir(src), meta, privileged: inst.config.privileged === true });
-    try {
-      ctx.progress(10, 'copying the root filesystem');
-      const c = { ...inst.config, ...inst.pending };
-      await this.d.instances.create({
-        name: dst,
-        type: 'container',
-        vcpus: c.vcpus,
-        memory: c.memoryMiB,
-        privileged: c.privileged === true,
-        ...(c.pidsLimit !== undefined ? { pidsLimit: c.pidsLimit } : {}),
-        restartPolicy: c.restartPolicy,
-        autostart: c.autostart,
-        description: description ?? inst.description,
-      });
-      const copied = await this.d.instances.patch(dst, (r) => ({ ...r, image: inst.image }));
-      this.d.events.publish('instance.copied', { name: dst, from: src });
-      return { name: copied.name, from: src };
-    } finally {
-      release();
-      if (freeze) await handle.resume();
-    }
-  }
-
-  // ---- plug-ins for the shared snapshot and copy services (/api/v1/instances/:name/snapshots, /copy) ----
-
-  /** Container snapshots under the shared snapshot records and tree (SnapshotService.registerProvider). */
-  snapshotProvider() {
-    return {
-      plan: (inst: Instance, req: { name: string; memory: boolean; description: string }, parent: string | undefined): SnapshotRecord => {
-        if (req.memory) throw new HfError('HF_ERR_UNSUPPORTED', 'containers have no memory snapshots: their snapshots copy the root filesystem (a running container is frozen meanwhile)');
-        const running = inst.state === 'running' || inst.state === 'paused';
-        const rec: SnapshotRecord = {
-          instance: inst.name,
-          name: req.name,
-          memory: false,
-          takenWhile: running ? (inst.state as 'running' | 'paused') : 'stopped',
-          disks: [],
-          description: req.description,
-          createdAt: new Date().toISOString(),
-        };
-        if (parent !== undefined) rec.parent = parent;
-        return rec;
-      },
-      create: async (inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> => {
-        await this.snapshotLocked(inst, handle, rec.name, rec.description, ctx);
-        undo.add('delete container snapshot files', () => deleteSnapshot(this.dir(inst.name), rec.name));
-      },
-      revert: async (inst: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>> => this.revertUnlocked(inst.name, rec.name, ctx),
-      delete: async (inst: Instance, _handle: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void> => {
-        if (await snapshotExists(this.dir(inst.name), rec.name)) await deleteSnapshot(this.dir(inst.name), rec.name);
-      },
-    };
-  }
-
-  /** Container copies for the shared copy route (StorageService.registerCopyProvider); called under the source's lock. */
-  copyProvider() {
-    return {
-      copy: async (src: Instance, dst: string, opts: { linked: boolean }, ctx: OperationContext): Promise<unknown> => {
-        if (opts.linked) throw new HfError('HF_ERR_UNSUPPORTED', 'containers have no linked copies: a container copy is a full copy of the root filesystem');
-        return this.copyLocked(src, this.d.instances.handle(src.name), dst, undefined, ctx);
-      },
-    };
+    const files = this.d.driver.describe ? await this.d.driver.describe(inst, this.d.instances.paths(name)) : {};
+    return { instance: inst, container: { privileged: inst.config.privileged === true, ...files, live: live ?? null } };
   }
 
   // ---- images ------------------------------------------------------------------------------------
@@ -316,7 +150,7 @@ export class ContainerService {
     return this.d.operations.start('image.import', { kind: 'image', name: req.name }, async (ctx) => {
       const dest = this.d.images.dir(req.name);
       try {
-        const m = await importContainerImage({ source: req.source, format: req.format, destDir: dest, workDir: this.d.paths.cacheDir, progress: (p, msg) => ctx.progress(p, msg) });
+        const m = await importContainerImage({ source: req.source, format: req.format, destDir: dest, workDir: this.d.cacheDir, progress: (p, msg) => ctx.progress(p, msg) });
         const rec = await this.d.images.register({
           name: req.name,
           type: 'container',

@@ -12,39 +12,41 @@
 //  - reverting a disk-only snapshot of a running VM restarts it: it is stopped (its memory is
 //    discarded anyway), its disks reverted, and started again.
 //  - raw disks have no internal snapshots: refused with HF_ERR_UNSUPPORTED naming the disk.
-// Other instance types plug in a SnapshotProvider (containers); records and tree are shared.
-import { z } from 'zod';
+// Types whose driver keeps snapshots of its own files (containers: root filesystem + definition,
+// `InstanceDriver.createRootfsSnapshot`…) go through DriverSnapshots below; records, tree and
+// events are the same for every type, so `snapshot list` shows every snapshot and each one
+// emits one event.
 import { HfError, isHfError } from '../core/errors.js';
 import { isActive } from '../core/lifecycle.js';
-import { nameSchema, type DiskConfig, type Instance } from '../core/model/instance.js';
+import { nameSchema, type DiskConfig, type Instance, type InstanceType } from '../core/model/instance.js';
 import type { Operation } from '../core/model/operation.js';
 import { parseInput } from '../core/validate.js';
-import type { InstanceHandle } from '../drivers/driver.js';
+import type { InstanceDriver, InstanceHandle } from '../drivers/driver.js';
 import { Collection } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
-import { snapshotHeadSchema, snapshotRecordSchema, type SnapshotHead, type SnapshotRecord } from '../storage/model.js';
+import {
+  createSnapshotSchema,
+  snapshotHeadSchema,
+  snapshotRecordSchema,
+  type CreateSnapshotRequest,
+  type SnapshotHead,
+  type SnapshotListing,
+  type SnapshotRecord,
+} from '../storage/model.js';
 import { QemuImg } from '../storage/qemu-img.js';
-import { buildTree, planDelete, renderTree, type SnapshotNode } from '../storage/snapshot-tree.js';
+import { buildTree, planDelete, renderTree } from '../storage/snapshot-tree.js';
 import type { Logger } from '../util/log.js';
 import { UndoStack } from '../util/undo.js';
 import type { EventBus } from './events.js';
 import type { InstanceExtension } from './extensions.js';
 import type { InstanceService } from './instances.js';
 import type { OperationContext, OperationManager } from './operations.js';
-import type { StorageService } from './storage.js';
+import { awaitOperation } from './storage/common.js';
 
-export const createSnapshotSchema = z
-  .object({
-    name: nameSchema,
-    memory: z.boolean().default(false).describe('include RAM and device state (running VMs): revert returns to the running moment'),
-    description: z.string().max(1024).default(''),
-  })
-  .strict();
-
-/** What a type of instance does for snapshots (VMs here; containers plug theirs in). */
+/** What a type of instance does for snapshots (VMs: qcow2 internal snapshots; DriverSnapshots). */
 export interface SnapshotProvider {
   /** Validates and returns the record to store (disks covered, vmstate disk…), before anything changes. */
-  plan(inst: Instance, req: z.output<typeof createSnapshotSchema>, parent: string | undefined): SnapshotRecord;
+  plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord;
   create(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void>;
   /** Reverts; returns what it did (for the operation result). */
   revert(inst: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>>;
@@ -55,19 +57,11 @@ export interface SnapshotServiceDeps {
   store: StateStore;
   instances: InstanceService;
   operations: OperationManager;
-  storage: StorageService;
+  /** Drivers of other types: those with rootfs snapshots (containers) get DriverSnapshots. */
+  drivers?: ReadonlyMap<InstanceType, InstanceDriver>;
   events: EventBus;
   log: Logger;
   qemuImg?: QemuImg;
-}
-
-export interface SnapshotListing {
-  instance: string;
-  current?: string;
-  snapshots: SnapshotRecord[];
-  tree: SnapshotNode[];
-  /** The tree as text lines (what `snapshot list` prints). */
-  text: string[];
 }
 
 export class SnapshotService {
@@ -79,6 +73,7 @@ export class SnapshotService {
     this.heads = new Collection<SnapshotHead>(d.store, '/snapshot-heads/', snapshotHeadSchema);
     this.qemuImg = d.qemuImg ?? new QemuImg();
     this.providers.set('vm', new VmSnapshots(this.qemuImg, d));
+    for (const [type, driver] of d.drivers ?? []) if (type !== 'vm' && driver.createRootfsSnapshot) this.providers.set(type, new DriverSnapshots(driver, d));
   }
 
   registerProvider(type: string, p: SnapshotProvider): void {
@@ -211,7 +206,7 @@ export function snapshotDisks(inst: Instance): DiskConfig[] {
 class VmSnapshots implements SnapshotProvider {
   constructor(private readonly qemuImg: QemuImg, private readonly d: SnapshotServiceDeps) {}
 
-  plan(inst: Instance, req: z.output<typeof createSnapshotSchema>, parent: string | undefined): SnapshotRecord {
+  plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord {
     const disks = snapshotDisks(inst);
     const running = inst.state === 'running' || inst.state === 'paused';
     if (req.memory && !running) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance ${inst.name} is ${inst.state}: a --memory snapshot saves a running VM's RAM (take a disk-only one instead)`);
@@ -266,7 +261,7 @@ class VmSnapshots implements SnapshotProvider {
       let started = false;
       if (!isActive(inst0.state)) {
         ctx.progress(5, `starting ${name} to load its saved state`);
-        await this.d.storage.awaitOp(this.d.instances.action(name, 'start'));
+        await awaitOperation(this.d.operations, this.d.instances.action(name, 'start'));
         started = true;
       }
       await this.d.instances.withInstance(name, 'snapshot revert', async (inst, handle) => {
@@ -282,19 +277,19 @@ class VmSnapshots implements SnapshotProvider {
     let restarted = false;
     if (isActive(inst0.state)) {
       ctx.progress(5, `stopping ${name} (a disk-only revert discards its memory)`);
-      await this.d.storage.awaitOp(this.d.instances.action(name, 'stop', { force: true }));
+      await awaitOperation(this.d.operations, this.d.instances.action(name, 'stop', { force: true }));
       restarted = true;
     }
     try {
       await this.revertDisksOffline(name, rec, ctx);
     } catch (e) {
       // The guest was stopped for nothing: bring it back as it was before failing.
-      if (restarted) await this.d.storage.awaitOp(this.d.instances.action(name, 'start')).catch(() => undefined);
+      if (restarted) await awaitOperation(this.d.operations, this.d.instances.action(name, 'start')).catch(() => undefined);
       throw e;
     }
     if (restarted) {
       ctx.progress(80, `starting ${name} again`);
-      await this.d.storage.awaitOp(this.d.instances.action(name, 'start'));
+      await awaitOperation(this.d.operations, this.d.instances.action(name, 'start'));
     }
     return { memory: false, restarted };
   }
@@ -333,5 +328,63 @@ class VmSnapshots implements SnapshotProvider {
         this.d.log.warn('internal snapshot missing on delete', { instance: inst.name, disk: disk.name, snapshot: rec.name });
       }
     }
+  }
+}
+
+/**
+ * Snapshots a driver keeps of its own files (containers: root filesystem + definition). A running
+ * instance is frozen while its snapshot is made; revert needs it stopped and brings the
+ * definition back (its NICs and disks stay as they are now).
+ */
+class DriverSnapshots implements SnapshotProvider {
+  constructor(private readonly driver: InstanceDriver, private readonly d: SnapshotServiceDeps) {}
+
+  plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord {
+    if (req.memory) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type}s have no memory snapshots: their snapshots copy the root filesystem (a running one is frozen meanwhile)`);
+    const running = inst.state === 'running' || inst.state === 'paused';
+    const rec: SnapshotRecord = {
+      instance: inst.name,
+      name: req.name,
+      memory: false,
+      takenWhile: running ? (inst.state as 'running' | 'paused') : 'stopped',
+      disks: [],
+      description: req.description,
+      createdAt: new Date().toISOString(),
+    };
+    if (parent !== undefined) rec.parent = parent;
+    return rec;
+  }
+
+  async create(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> {
+    const paths = this.d.instances.paths(inst.name);
+    const freeze = handle !== undefined && inst.state === 'running';
+    if (freeze) {
+      ctx.progress(5, `freezing ${inst.name}`);
+      await handle.pause();
+    }
+    try {
+      ctx.progress(10, 'copying the root filesystem');
+      await this.driver.createRootfsSnapshot!(inst, paths, rec.name, { stateful: handle !== undefined && isActive(inst.state) });
+      undo.add('delete the snapshot files', () => this.driver.deleteRootfsSnapshot?.(inst, paths, rec.name));
+    } finally {
+      if (freeze) await handle.resume();
+    }
+  }
+
+  async revert(inst0: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>> {
+    const name = inst0.name;
+    if (!this.driver.revertRootfsSnapshot) throw new HfError('HF_ERR_UNSUPPORTED', `${inst0.type}s cannot revert snapshots on this host`);
+    if (isActive(inst0.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `${inst0.type} ${name} is ${inst0.state}: stop it before reverting to a snapshot`);
+    return this.d.instances.withInstance(name, 'snapshot revert', async (cur) => {
+      if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `${cur.type} ${name} is ${cur.state}: stop it before reverting to a snapshot`);
+      ctx.progress(10, 'copying the snapshot back');
+      const config = await this.driver.revertRootfsSnapshot!(cur, this.d.instances.paths(name), rec.name);
+      await this.d.instances.patch(name, (r) => ({ ...r, config: { ...config, nics: r.config.nics, disks: r.config.disks }, pending: {} }));
+      return { restarted: false };
+    });
+  }
+
+  async delete(inst: Instance, _handle: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void> {
+    await this.driver.deleteRootfsSnapshot?.(inst, this.d.instances.paths(inst.name), rec.name);
   }
 }

@@ -8,14 +8,14 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { basename, extname } from 'node:path';
 import { HfError } from '../core/errors.js';
+import { IMPORT_FORMATS, type ImportFormat } from './model.js';
 import { parseOvf, type OvfDescriptor } from './ovf.js';
 import type { QemuImg } from './qemu-img.js';
 import { sniffFile, type SniffedFormat } from './sniff.js';
 import { listTarFile, readTarEntry, TarError, type TarEntry } from './tar.js';
 
 /** Formats a user may name (`vhd` is QEMU's `vpc`). */
-export const IMPORT_FORMATS = ['qcow2', 'raw', 'vmdk', 'vhd', 'vhdx', 'vdi', 'ova'] as const;
-export type ImportFormat = (typeof IMPORT_FORMATS)[number];
+export { IMPORT_FORMATS, type ImportFormat } from './model.js';
 
 const QEMU_FORMAT: Record<Exclude<ImportFormat, 'ova'>, string> = { qcow2: 'qcow2', raw: 'raw', vmdk: 'vmdk', vhd: 'vpc', vhdx: 'vhdx', vdi: 'vdi' };
 const FROM_SNIFF: Partial<Record<SniffedFormat, Exclude<ImportFormat, 'ova' | 'raw'>>> = { qcow2: 'qcow2', vmdk: 'vmdk', vpc: 'vhd', vhdx: 'vhdx', vdi: 'vdi' };
@@ -118,7 +118,7 @@ async function inspectOva(qemuImg: QemuImg, path: string, name: string): Promise
   } catch (e) {
     throw new HfError('HF_ERR_BAD_IMAGE', `${name} is not a readable OVA: ${(e as TarError).message}`, { cause: e });
   }
-  const files = entries.filter((e) => e.type === '0');
+  const files = entries.filter((e) => e.type === 'file');
   const ovfs = files.filter((e) => e.name.toLowerCase().endsWith('.ovf'));
   if (!ovfs.length) {
     throw new HfError('HF_ERR_BAD_IMAGE', `${name} contains no OVF descriptor (.ovf): not an OVA (entries: ${files.map((e) => e.name).slice(0, 10).join(', ') || 'none'})`);

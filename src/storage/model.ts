@@ -1,7 +1,13 @@
 // The storage model: pools (where volumes and images live), volumes (disks that exist on their
 // own and are attached to instances) and snapshot records. Zod schemas, like the other models.
+import { isAbsolute } from 'node:path';
 import { z } from 'zod';
-import { nameSchema } from '../core/model/instance.js';
+import { bootConfigSchema, nameSchema } from '../core/model/instance.js';
+import type { PoolSummary } from './accounting.js';
+import type { SnapshotNode } from './snapshot-tree.js';
+
+/** The pool made on first start in the data directory; imports and publishes land there by default. */
+export const DEFAULT_POOL = 'default';
 
 /** Pool types. Only `dir` exists today; LVM-thin, ZFS and Ceph RBD plug in as more backends. */
 export const POOL_TYPES = ['dir'] as const;
@@ -71,6 +77,73 @@ export type SnapshotRecord = z.infer<typeof snapshotRecordSchema>;
 /** Per instance: the snapshot its disks currently descend from (parent of the next one). */
 export const snapshotHeadSchema = z.object({ instance: nameSchema, current: z.string().optional() });
 export type SnapshotHead = z.infer<typeof snapshotHeadSchema>;
+
+/** Disk image formats an import accepts (sniffed from the file; `ova` is a tar of OVF + disks). */
+export const IMPORT_FORMATS = ['qcow2', 'raw', 'vmdk', 'vhd', 'vhdx', 'vdi', 'ova'] as const;
+export type ImportFormat = (typeof IMPORT_FORMATS)[number];
+
+// ---- requests (the API validates bodies with these; the services parse them again) ----------
+
+export const importImageSchema = z
+  .object({
+    name: nameSchema,
+    /** An absolute path on the daemon's host, or an http(s) URL. */
+    source: z.string().min(1),
+    format: z.enum(IMPORT_FORMATS).optional(),
+    pool: nameSchema.default(DEFAULT_POOL),
+    description: z.string().max(1024).optional(),
+    /** How VMs made from the image boot (default: from disk, BIOS — or UEFI when the OVF says so). */
+    boot: bootConfigSchema.optional(),
+    vcpus: z.number().int().min(1).max(512).optional(),
+    memory: z.union([z.string(), z.number()]).optional(),
+    /** Also create a stopped VM from the image, with the OVF's CPUs, memory and disks. */
+    instance: nameSchema.optional(),
+  })
+  .strict();
+export type ImportImageRequest = z.output<typeof importImageSchema>;
+
+export const exportSchema = z
+  .object({
+    file: z.string().min(1).refine((p) => isAbsolute(p), { message: 'file must be an absolute path on the host' }),
+    format: z.enum(['qcow2', 'raw', 'vmdk']).default('qcow2'),
+    disk: nameSchema.optional(),
+  })
+  .strict();
+
+export const publishSchema = z.object({ as: nameSchema, description: z.string().max(1024).optional() }).strict();
+export const copySchema = z.object({ name: nameSchema, linked: z.boolean().default(false), description: z.string().max(1024).optional() }).strict();
+export type CopyRequest = z.output<typeof copySchema>;
+export const attachSchema = z.object({ volume: z.string().min(1), disk: nameSchema.optional() }).strict();
+
+export const createSnapshotSchema = z
+  .object({
+    name: nameSchema,
+    memory: z.boolean().default(false).describe('include RAM and device state (running VMs): revert returns to the running moment'),
+    description: z.string().max(1024).default(''),
+  })
+  .strict();
+export type CreateSnapshotRequest = z.output<typeof createSnapshotSchema>;
+
+// ---- views (what the API answers; the CLI reads these) ------------------------------------------
+
+export interface PoolView extends PoolRecord {
+  usage: PoolSummary;
+}
+
+export interface VolumeView extends VolumeRecord {
+  ref: string;
+  allocatedBytes: number;
+  attachedTo?: { instance: string; disk: string };
+}
+
+export interface SnapshotListing {
+  instance: string;
+  current?: string;
+  snapshots: SnapshotRecord[];
+  tree: SnapshotNode[];
+  /** The tree as text lines (what `snapshot list` prints). */
+  text: string[];
+}
 
 /** Splits "pool/name" (a volume reference); throws a message string on bad input. */
 export function parseVolumeRef(ref: string): { pool: string; name: string } {

@@ -1,8 +1,102 @@
 // OVF descriptors (DMTF DSP0243, 1.x and 2.x, as written by VMware, VirtualBox and others): what a
 // VM definition needs from them — name, vCPUs, memory, firmware and the disks in boot order, each
-// with the file (in the OVA) that holds it. Pure: a string in, a description out.
+// with the file (in the OVA) that holds it. Pure: a string in, a description out. The XML is
+// read by fast-xml-parser (validated first; a DOCTYPE is refused, so no entity-expansion tricks)
+// into a small element tree addressed by local name, since OVF files from VMware, VirtualBox and
+// others bind the same namespaces to different prefixes.
+import { XMLParser, XMLValidator } from 'fast-xml-parser';
 import { HfError } from '../core/errors.js';
-import { attr, child, children, descendants, parseXml, XmlError, type XmlElement } from './xml.js';
+
+export interface XmlElement {
+  /** Qualified name as written ("rasd:ResourceType"). */
+  qname: string;
+  /** Local name ("ResourceType"). */
+  name: string;
+  /** Attributes by qualified name. */
+  attrs: Record<string, string>;
+  children: XmlElement[];
+  /** Concatenated character data directly inside this element. */
+  text: string;
+}
+
+export class XmlError extends Error {}
+
+const ATTRS = ':@';
+const TEXT = '#text';
+/** One node of fast-xml-parser's `preserveOrder` output: `{ tag: [children], ':@': attrs }` or `{ '#text': text }`. */
+type OrderedNode = Record<string, unknown>;
+
+const parser = new XMLParser({
+  preserveOrder: true,
+  ignoreAttributes: false,
+  attributeNamePrefix: '',
+  // Values stay strings: "0042" is an id, not a number.
+  parseTagValue: false,
+  parseAttributeValue: false,
+  trimValues: false,
+  processEntities: true,
+  htmlEntities: true,
+  ignoreDeclaration: true,
+  ignorePiTags: true,
+});
+
+function localName(qname: string): string {
+  const i = qname.indexOf(':');
+  return i < 0 ? qname : qname.slice(i + 1);
+}
+
+function toElement(node: OrderedNode): XmlElement | undefined {
+  const qname = Object.keys(node).find((k) => k !== ATTRS && k !== TEXT);
+  if (qname === undefined) return undefined;
+  const attrs: Record<string, string> = {};
+  for (const [k, v] of Object.entries((node[ATTRS] ?? {}) as Record<string, unknown>)) attrs[k] = String(v);
+  const el: XmlElement = { qname, name: localName(qname), attrs, children: [], text: '' };
+  for (const c of (node[qname] ?? []) as OrderedNode[]) {
+    if (TEXT in c) el.text += String(c[TEXT]);
+    else {
+      const e = toElement(c);
+      if (e) el.children.push(e);
+    }
+  }
+  return el;
+}
+
+/** Parses a whole document into its root element; XmlError names what is wrong and where. */
+export function parseXml(src: string): XmlElement {
+  if (/<!DOCTYPE/i.test(src)) throw new XmlError('a DOCTYPE is not accepted in an OVF descriptor');
+  const valid = XMLValidator.validate(src);
+  if (valid !== true) throw new XmlError(`${valid.err.msg} (line ${valid.err.line}, column ${valid.err.col})`);
+  const roots = (parser.parse(src) as OrderedNode[]).map(toElement).filter((e): e is XmlElement => e !== undefined);
+  if (roots.length !== 1) throw new XmlError(roots.length ? `more than one root element (<${roots[0]!.qname}>, <${roots[1]!.qname}>)` : 'no root element');
+  return roots[0]!;
+}
+
+function attr(el: XmlElement, local: string): string | undefined {
+  if (el.attrs[local] !== undefined) return el.attrs[local];
+  for (const [k, v] of Object.entries(el.attrs)) if (localName(k) === local) return v;
+  return undefined;
+}
+
+function child(el: XmlElement, local: string): XmlElement | undefined {
+  return el.children.find((c) => c.name === local);
+}
+
+function children(el: XmlElement, local: string): XmlElement[] {
+  return el.children.filter((c) => c.name === local);
+}
+
+/** Every element named `local` below `el`, in document order. */
+function descendants(el: XmlElement, local: string): XmlElement[] {
+  const out: XmlElement[] = [];
+  const walk = (e: XmlElement): void => {
+    for (const c of e.children) {
+      if (c.name === local) out.push(c);
+      walk(c);
+    }
+  };
+  walk(el);
+  return out;
+}
 
 export interface OvfDisk {
   /** ovf:diskId */

@@ -1,121 +1,76 @@
-// Reads the table of contents of a tar archive (an OVA is a plain tar): entry names, types and
-// where each file's data sits, so qemu-img can read a disk straight out of the archive (raw
-// driver with offset/size) without unpacking it. Understands ustar, GNU long names and pax
-// `path`/`size` records. Pure logic over a read callback; a file-backed helper is below.
+// The one tar reader (on tar-stream, which knows ustar, GNU long names/links and pax records):
+// the table of contents of an archive — names, types, owners and where each entry's data sits —
+// for OVAs (qemu-img then reads a disk straight out of the archive with the raw driver's
+// offset/size, without unpacking it) and container root filesystem archives (checked member by
+// member before anything is extracted, images/container/tar.ts).
+import { createReadStream } from 'node:fs';
 import { open } from 'node:fs/promises';
+import { Readable } from 'node:stream';
+import { extract, type Header } from 'tar-stream';
+
+export type TarEntryType = 'file' | 'hardlink' | 'symlink' | 'char' | 'block' | 'dir' | 'fifo' | 'other';
 
 export interface TarEntry {
   name: string;
-  /** '0' file, '5' directory, '2' symlink, … (after long-name/pax records are folded in). */
-  type: string;
-  /** Offset of the data in the archive. */
-  offset: number;
+  type: TarEntryType;
+  /** Target of a symbolic or hard link ('' otherwise). */
+  linkname: string;
   size: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Where the entry's data starts in the (uncompressed) archive. */
+  offset: number;
 }
 
 export class TarError extends Error {}
 
 const BLOCK = 512;
 
-function str(b: Buffer, off: number, len: number): string {
-  const s = b.subarray(off, off + len);
-  const z = s.indexOf(0);
-  return (z < 0 ? s : s.subarray(0, z)).toString('utf8');
+const TYPES: Partial<Record<Header['type'], TarEntryType>> = {
+  file: 'file',
+  'contiguous-file': 'file',
+  link: 'hardlink',
+  symlink: 'symlink',
+  'character-device': 'char',
+  'block-device': 'block',
+  directory: 'dir',
+  fifo: 'fifo',
+};
+
+/** tar-stream's messages, said in terms of what is wrong with the archive. */
+function tarError(e: unknown): TarError {
+  const msg = (e as Error).message ?? String(e);
+  if (/Invalid tar header/i.test(msg)) return new TarError(`bad tar header: its checksum does not match (corrupt, or a compressed archive?): ${msg}`);
+  if (/Unexpected end of data/i.test(msg)) return new TarError('the archive is truncated: an entry runs past the end of the archive');
+  return new TarError(msg);
 }
 
-function octal(b: Buffer, off: number, len: number): number {
-  // GNU base-256 for large sizes: high bit of the first byte set.
-  if ((b[off]! & 0x80) !== 0) {
-    let v = 0;
-    for (let i = off + 1; i < off + len; i++) v = v * 256 + b[i]!;
-    return v;
-  }
-  const s = str(b, off, len).trim();
-  if (s === '') return 0;
-  if (!/^[0-7]+$/.test(s)) throw new TarError(`bad number "${s}" in tar header`);
-  return parseInt(s, 8);
-}
-
-export function isTarHeader(b: Buffer): boolean {
-  if (b.length < BLOCK) return false;
-  const magic = str(b, 257, 6);
-  if (!magic.startsWith('ustar')) return false;
-  return checksumOk(b);
-}
-
-function checksumOk(b: Buffer): boolean {
-  let sum = 0;
-  for (let i = 0; i < BLOCK; i++) sum += i >= 148 && i < 156 ? 32 : b[i]!;
+/** Lists the entries of an (uncompressed) tar archive read as a stream. Reads it once, to the end. */
+export async function readTarEntries(input: AsyncIterable<Buffer>): Promise<TarEntry[]> {
+  // Old (pre-ustar) headers are read too: their checksum is still checked.
+  const ex = extract({ allowUnknownFormat: true } as Parameters<typeof extract>[0]);
+  const src = Readable.from(input, { objectMode: false });
+  src.on('error', (e) => ex.destroy(e));
+  src.pipe(ex);
+  const entries: TarEntry[] = [];
   try {
-    return sum === octal(b, 148, 8);
-  } catch {
-    return false;
-  }
-}
-
-function parsePax(data: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  let i = 0;
-  while (i < data.length) {
-    const sp = data.indexOf(' ', i);
-    if (sp < 0) break;
-    const len = Number(data.slice(i, sp));
-    if (!Number.isInteger(len) || len <= 0) break;
-    const rec = data.slice(sp + 1, i + len - 1);
-    const eq = rec.indexOf('=');
-    if (eq > 0) out[rec.slice(0, eq)] = rec.slice(eq + 1);
-    i += len;
-  }
-  return out;
-}
-
-/** Lists a tar archive through `read(offset, length)`; `total` is the archive's size. */
-export async function listTar(read: (offset: number, length: number) => Promise<Buffer>, total: number): Promise<TarEntry[]> {
-  const out: TarEntry[] = [];
-  let pos = 0;
-  let longName: string | undefined;
-  let pax: Record<string, string> = {};
-  while (pos + BLOCK <= total) {
-    const h = await read(pos, BLOCK);
-    if (h.every((x) => x === 0)) break;
-    if (!checksumOk(h)) throw new TarError(`bad tar header checksum at offset ${pos}`);
-    const type = String.fromCharCode(h[156] || 0x30);
-    let size = octal(h, 124, 12);
-    const dataOff = pos + BLOCK;
-    if (dataOff + size > total) throw new TarError(`tar entry at offset ${pos} runs past the end of the archive (truncated?)`);
-    if (type === 'L') {
-      longName = str(await read(dataOff, size), 0, size);
-    } else if (type === 'x') {
-      pax = parsePax((await read(dataOff, size)).toString('utf8'));
-    } else if (type === 'g') {
-      // global pax header: nothing we need
-    } else {
-      const prefix = str(h, 345, 155);
-      let name = longName ?? pax.path ?? (prefix ? `${prefix}/${str(h, 0, 100)}` : str(h, 0, 100));
-      if (pax.size !== undefined && /^\d+$/.test(pax.size)) size = Number(pax.size);
-      name = name.replace(/^\.\//, '');
-      out.push({ name, type: type === '\0' ? '0' : type, offset: dataOff, size });
-      longName = undefined;
-      pax = {};
+    for await (const entry of ex) {
+      const h = entry.header;
+      // The data follows the entry's own header (long-name and pax records come before it).
+      entries.push({ name: h.name, type: TYPES[h.type] ?? 'other', linkname: h.linkname ?? '', size: h.size ?? 0, mode: h.mode ?? 0, uid: h.uid ?? 0, gid: h.gid ?? 0, offset: entry.offset + BLOCK });
+      entry.resume();
     }
-    pos = dataOff + Math.ceil(size / BLOCK) * BLOCK;
+  } catch (e) {
+    src.destroy();
+    throw tarError(e);
   }
-  return out;
+  return entries;
 }
 
-/** Lists a tar file on disk. */
-export async function listTarFile(path: string): Promise<TarEntry[]> {
-  const fh = await open(path, 'r');
-  try {
-    const { size } = await fh.stat();
-    return await listTar(async (offset, length) => {
-      const b = Buffer.alloc(length);
-      const { bytesRead } = await fh.read(b, 0, length, offset);
-      return b.subarray(0, bytesRead);
-    }, size);
-  } finally {
-    await fh.close();
-  }
+/** Lists a tar file on disk (an OVA). */
+export function listTarFile(path: string): Promise<TarEntry[]> {
+  return readTarEntries(createReadStream(path));
 }
 
 /** Reads one entry's data (small files: the OVF, the manifest). */
@@ -129,4 +84,14 @@ export async function readTarEntry(path: string, e: TarEntry, maxBytes = 4 * 102
   } finally {
     await fh.close();
   }
+}
+
+/** Whether a 512-byte block is a ustar header (format sniffing: magic and checksum). */
+export function isTarHeader(b: Buffer): boolean {
+  if (b.length < BLOCK) return false;
+  if (!b.subarray(257, 262).equals(Buffer.from('ustar'))) return false;
+  let sum = 0;
+  for (let i = 0; i < BLOCK; i++) sum += i >= 148 && i < 156 ? 32 : b[i]!;
+  const field = b.subarray(148, 156).toString('latin1').replace(/\0.*$/s, '').trim();
+  return /^[0-7]+$/.test(field) && parseInt(field, 8) === sum;
 }

@@ -13,6 +13,7 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
 import { DEFAULT_RUNC_ROOT } from '../../src/drivers/container/driver.js';
+import type { SnapshotListing } from '../../src/storage/model.js';
 import { CLI, getInstance, op, removeNetworkLeftovers, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 function removeContainersOf(dataDir: string): void {
@@ -135,8 +136,9 @@ describe('container images, snapshots, copies and bad input', () => {
     assert.equal(cli('exec', 's1', '--', 'sh', '-c', 'echo after > /root/state').status, 0);
     assert.equal(cli('config', 'set', 's1', 'memory=80M').status, 0);
     assert.match(cli('snapshot', 'list', 's1').stdout, /snap1/);
-    const { snapshots } = await d.api.request<{ snapshots: Array<{ name: string; stateful: boolean }> }>('GET', '/api/v1/containers/s1/snapshots');
-    assert.deepEqual(snapshots.map((s) => [s.name, s.stateful]), [['snap1', true]]);
+    const { snapshots } = await d.api.request<SnapshotListing>('GET', '/api/v1/instances/s1/snapshots');
+    assert.deepEqual(snapshots.map((s) => [s.name, s.takenWhile]), [['snap1', 'running']]);
+    await assert.rejects(d.api.request('GET', '/api/v1/containers/s1/snapshots'), (e: ApiError) => e.status === 404, 'the container-only route is gone');
 
     // revert needs a stopped container
     const running = cli('snapshot', 'revert', 's1', 'snap1');

@@ -6,7 +6,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { ApiError } from '../../src/cli/client.js';
-import type { SnapshotListing } from '../../src/services/snapshots.js';
+import type { SnapshotListing } from '../../src/storage/model.js';
 import { QemuImg } from '../../src/storage/qemu-img.js';
 import { getInstance, op, useTestDaemon, CLI } from '../helpers/daemon.js';
 import { guestSh, waitForBoot } from './storage-guest.js';

@@ -12,7 +12,7 @@ import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ApiError } from '../../src/cli/client.js';
-import type { PoolView, VolumeView } from '../../src/services/storage.js';
+import type { PoolView, VolumeView } from '../../src/storage/model.js';
 import { QemuImg, readQcow2Backing } from '../../src/storage/qemu-img.js';
 import { getInstance, op, useTestDaemon, CLI } from '../helpers/daemon.js';
 import { guestSh, waitForBoot } from './storage-guest.js';

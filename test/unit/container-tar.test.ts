@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { isHfError } from '../../src/core/errors.js';
 import { checkRootfsArchive, extractRootfsArchive, findUnsafeMembers, normalizeMember, type TarEntry } from '../../src/images/container/tar.js';
 
-const entry = (name: string, type: TarEntry['type'] = 'file', linkname = ''): TarEntry => ({ name, type, linkname, size: 0, mode: 0o644, uid: 0, gid: 0 });
+const entry = (name: string, type: TarEntry['type'] = 'file', linkname = ''): TarEntry => ({ name, type, linkname, size: 0, mode: 0o644, uid: 0, gid: 0, offset: 0 });
 
 function tar(args: string[], cwd: string): void {
   const r = spawnSync('tar', args, { cwd, encoding: 'utf8' });

@@ -1,14 +1,13 @@
-// Container-only routes: exec, live cgroup figures, snapshots, copies and image imports. The
-// lifecycle (create, start, stop, pause, delete, console) is the instances' routes, shared with VMs.
+// Container-only routes: exec, live cgroup figures and image imports. The lifecycle (create,
+// start, stop, pause, delete, console), snapshots and copies are the instances' routes, shared
+// with VMs.
 import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
-import { nameSchema } from '../../core/model/instance.js';
-import { copyRequestSchema, execRequestSchema, importRequestSchema, snapshotRequestSchema, type ContainerService } from '../../services/containers.js';
+import { execRequestSchema, importRequestSchema, type ContainerService } from '../../services/containers.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
 
 const nameParams = z.object({ name: z.string() });
-const snapParams = z.object({ name: z.string(), snap: nameSchema });
 
 export function registerContainerRoutes(t: RouteTable, svc: ApiServices): void {
   const containers = (): ContainerService => {
@@ -39,61 +38,6 @@ export function registerContainerRoutes(t: RouteTable, svc: ApiServices): void {
     body: execRequestSchema,
     responses: { 200: '{ exitCode, stdout, stderr, timedOut, truncated }' },
     handler: async ({ params, raw }) => containers().exec(params.name, raw.body),
-  });
-
-  t.add<unknown, unknown, { name: string }>({
-    method: 'GET',
-    url: '/api/v1/containers/:name/snapshots',
-    summary: "List a container's snapshots",
-    tag: 'containers',
-    params: nameParams,
-    responses: { 200: '{ snapshots }' },
-    handler: async ({ params }) => ({ snapshots: await containers().listSnapshots(params.name) }),
-  });
-
-  t.add<unknown, unknown, { name: string }>({
-    method: 'POST',
-    url: '/api/v1/containers/:name/snapshots',
-    summary: 'Snapshot a container (root filesystem + definition; a running one is frozen while copied)',
-    tag: 'containers',
-    params: nameParams,
-    body: snapshotRequestSchema,
-    responses: { 202: '{ operation }' },
-    handler: async ({ params, raw }, reply) => accepted(reply, await containers().createSnapshot(params.name, raw.body)),
-  });
-
-  t.add<unknown, unknown, { name: string; snap: string }>({
-    method: 'POST',
-    url: '/api/v1/containers/:name/snapshots/:snap/revert',
-    summary: 'Revert a stopped container to a snapshot',
-    tag: 'containers',
-    params: snapParams,
-    responses: { 202: '{ operation }' },
-    handler: async ({ params }, reply) => accepted(reply, await containers().revertSnapshot(params.name, params.snap)),
-  });
-
-  t.add<unknown, unknown, { name: string; snap: string }>({
-    method: 'DELETE',
-    url: '/api/v1/containers/:name/snapshots/:snap',
-    summary: 'Delete a snapshot',
-    tag: 'containers',
-    params: snapParams,
-    responses: { 200: '{ deleted }' },
-    handler: async ({ params }) => {
-      await containers().deleteSnapshot(params.name, params.snap);
-      return { deleted: params.snap };
-    },
-  });
-
-  t.add<unknown, unknown, { name: string }>({
-    method: 'POST',
-    url: '/api/v1/containers/:name/copy',
-    summary: 'Copy a container to a new stopped container (root filesystem in its own id range + definition)',
-    tag: 'containers',
-    params: nameParams,
-    body: copyRequestSchema,
-    responses: { 202: '{ operation }' },
-    handler: async ({ params, raw }, reply) => accepted(reply, await containers().copy(params.name, raw.body)),
   });
 
   t.add({

@@ -1,11 +1,10 @@
 // Storage routes: pools, volumes (and attaching them to instances), image import, instance
-// export / publish / copy, snapshots. Handlers translate HTTP to StorageService / SnapshotService.
+// export / publish, copies, snapshots. Handlers translate HTTP to the storage services
+// (StorageService, ImageTransferService, CopyService) and SnapshotService.
 import type { FastifyReply } from 'fastify';
 import { z } from 'zod';
 import type { Operation } from '../../core/model/operation.js';
-import { createSnapshotSchema } from '../../services/snapshots.js';
-import { attachSchema, copySchema, exportSchema, importImageSchema, publishSchema } from '../../services/storage.js';
-import { createPoolSchema, createVolumeSchema } from '../../storage/model.js';
+import { attachSchema, copySchema, createPoolSchema, createSnapshotSchema, createVolumeSchema, exportSchema, importImageSchema, publishSchema } from '../../storage/model.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
 
@@ -21,7 +20,9 @@ function accepted(reply: FastifyReply, operation: Operation): { operation: Opera
 export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
   const storage = svc.storage;
   const snapshots = svc.snapshots;
-  if (!storage || !snapshots) return;
+  const transfers = svc.transfers;
+  const copies = svc.copies;
+  if (!storage || !snapshots || !transfers || !copies) return;
 
   // ---- pools ----------------------------------------------------------------------------------
   t.add({
@@ -150,7 +151,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
     tag: 'images',
     body: importImageSchema,
     responses: { 202: '{ operation }' },
-    handler: async ({ raw }, reply) => accepted(reply, await storage.importImage(raw.body)),
+    handler: async ({ raw }, reply) => accepted(reply, await transfers.importImage(raw.body)),
   });
   t.add<unknown, unknown, { name: string }>({
     method: 'POST',
@@ -160,7 +161,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
     params: name,
     body: exportSchema,
     responses: { 202: '{ operation }' },
-    handler: async ({ params, raw }, reply) => accepted(reply, await storage.exportInstance(params.name, raw.body)),
+    handler: async ({ params, raw }, reply) => accepted(reply, await transfers.exportInstance(params.name, raw.body)),
   });
   t.add<unknown, unknown, { name: string }>({
     method: 'POST',
@@ -170,17 +171,17 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
     params: name,
     body: publishSchema,
     responses: { 202: '{ operation }' },
-    handler: async ({ params, raw }, reply) => accepted(reply, await storage.publish(params.name, raw.body)),
+    handler: async ({ params, raw }, reply) => accepted(reply, await transfers.publish(params.name, raw.body)),
   });
   t.add<unknown, unknown, { name: string }>({
     method: 'POST',
     url: '/api/v1/instances/:name/copy',
-    summary: 'Copy a stopped instance: full, or linked (qcow2 delta on the same image), as an operation',
+    summary: 'Copy an instance, as an operation: a stopped VM in full or linked (qcow2 delta on the same image); a container (frozen while copied when it runs)',
     tag: 'instances',
     params: name,
     body: copySchema,
     responses: { 202: '{ operation }' },
-    handler: async ({ params, raw }, reply) => accepted(reply, await storage.copy(params.name, raw.body)),
+    handler: async ({ params, raw }, reply) => accepted(reply, await copies.copy(params.name, raw.body)),
   });
 
   // ---- snapshots --------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ import { resolve } from 'node:path';
 import type { Instance } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
 import { formatBytes } from '../../core/units.js';
-import type { SnapshotListing } from '../../services/snapshots.js';
-import type { PoolView, VolumeView } from '../../services/storage.js';
-import type { SnapshotRecord } from '../../storage/model.js';
+import type { PoolView, SnapshotListing, SnapshotRecord, VolumeView } from '../../storage/model.js';
 import { ApiError } from '../client.js';
 import type { CliContext } from '../context.js';
 import { table } from '../format.js';
@@ -223,7 +221,7 @@ export function registerStorageCommands(ctx: CliContext): void {
   ctx.program
     .command('copy <source> <destination>')
     .alias('cp')
-    .description('copy a stopped instance: full, or --linked (a qcow2 delta on the same image)')
+    .description('copy an instance: a stopped VM in full, or --linked (a qcow2 delta on the same image); a container (frozen while copied if it runs)')
     .option('--linked', 'share the image through a qcow2 backing file (fast, small)')
     .action(async (source: string, destination: string, o: { linked?: boolean }) => {
       const { operation } = await api().request<{ operation: Operation }>('POST', `/api/v1/instances/${enc(source)}/copy`, { name: destination, linked: Boolean(o.linked) });

@@ -35,6 +35,8 @@ import { ContainerCgroup, containerCgroupPath, hostCgroupLayout, swapLimitSuppor
 import { attachFifoConsole, ensureFifo } from './console.js';
 import { copyTreeShifted, ensureTraversable, shiftTreeInPlace } from './rootfs.js';
 import { Runc } from './runc.js';
+import { CopySources, provisionCopy } from './copy.js';
+import { createSnapshot, deleteSnapshot, listSnapshots, revertToSnapshot, snapshotExists } from './snapshots.js';
 import { DEFAULT_SPARE_IMAGES, DEFAULT_SPARES_PER_IMAGE, SparePool } from './spare-pool.js';
 import { blockOf, lowestFreeBlock } from './spares.js';
 import { CONTAINER_CAPS, DEFAULT_PATH, IDMAP_SIZE, buildOciSpec, checkContainerLimits, containerMetaSchema, containerResources, mergeEnv, type ContainerMeta } from './spec.js';
@@ -119,19 +121,13 @@ export function metaFromImage(image: ImageRecord | undefined): Omit<ContainerMet
   };
 }
 
-interface CopySource {
-  dir: string;
-  meta: ContainerMeta;
-  privileged: boolean;
-}
-
 export class ContainerDriver implements InstanceDriver {
   readonly type = 'container' as const;
   readonly runc: Runc;
   readonly layout: CgroupLayout;
   private readonly swapLimit: boolean;
   private readonly idLock = new KeyedMutex();
-  private readonly copySources = new Map<string, CopySource>();
+  private readonly copySources = new CopySources();
   readonly monitor: Monitor;
   readonly spares: SparePool;
   private runcRootReady = false;
@@ -183,10 +179,9 @@ export class ContainerDriver implements InstanceDriver {
 
   // ---- create ----------------------------------------------------------------------------------
 
-  /** The next create of `name` copies this container instead of an image (copies, see ContainerService). */
-  prepareCopy(name: string, src: CopySource): () => void {
-    this.copySources.set(name, src);
-    return () => this.copySources.delete(name);
+  /** The next provision of `dstName` copies `src` instead of an image (copy.ts). */
+  prepareCopy(src: Instance, srcPaths: InstancePaths, dstName: string): Promise<() => void> {
+    return this.copySources.prepare(src, srcPaths, dstName);
   }
 
   provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, progress?: (percent: number, message: string) => void): Promise<Instance> {
@@ -222,9 +217,7 @@ export class ContainerDriver implements InstanceDriver {
     // Making the console FIFO takes a process: now, beside the copy, rather than at the first start.
     const fifo = ensureFifo(f.consoleIn).catch(() => undefined); // start makes it otherwise
     if (copy) {
-      const fromBase = copy.meta.idmap?.hostId ?? 0;
-      await copyTreeShifted(containerFiles(copy.dir).rootfs, f.rootfs, { fromBase, toBase, size: IDMAP_SIZE }, (s) => progress?.(50, `copied ${s.files} files`));
-      await writeMeta(paths.dir, { ...copy.meta, idmap });
+      await provisionCopy(copy, paths.dir, idmap, progress);
     } else if (image?.rootfs?.format === 'tar') {
       await mkdir(f.rootfs, { recursive: true });
       await extractRootfsArchive(image.rootfs.path, f.rootfs);
@@ -399,6 +392,32 @@ export class ContainerDriver implements InstanceDriver {
     const f = containerFiles(paths.dir);
     await this.runc.delete(instance.id, true).catch(() => undefined);
     await rm(f.pidFile, { force: true });
+  }
+
+  // ---- snapshots (snapshots.ts) and what the files say, for the shared services ----------------
+
+  async createRootfsSnapshot(instance: Instance, paths: InstancePaths, tag: string, opts: { stateful: boolean }): Promise<void> {
+    await createSnapshot(paths.dir, tag, { ...instance.config, ...instance.pending }, { stateful: opts.stateful });
+  }
+
+  async revertRootfsSnapshot(_instance: Instance, paths: InstancePaths, tag: string): Promise<InstanceConfig> {
+    return (await revertToSnapshot(paths.dir, tag)).config;
+  }
+
+  async deleteRootfsSnapshot(_instance: Instance, paths: InstancePaths, tag: string): Promise<void> {
+    if (await snapshotExists(paths.dir, tag)) await deleteSnapshot(paths.dir, tag);
+  }
+
+  async describe(instance: Instance, paths: InstancePaths): Promise<Record<string, unknown>> {
+    const meta = await readMeta(paths.dir).catch(() => undefined);
+    return {
+      privileged: instance.config.privileged === true,
+      idmap: meta?.idmap ?? null,
+      init: meta?.init,
+      stopSignal: meta?.stopSignal,
+      cgroupMode: this.layout.mode,
+      snapshots: (await listSnapshots(paths.dir)).length,
+    };
   }
 
   cgroupOf(containerId: string): ContainerCgroup {

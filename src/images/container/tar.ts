@@ -2,132 +2,18 @@
 // name, a ".." component, a hard link that points outside the tree, or a path that runs through
 // a symbolic link of the same archive could write outside the container's root: such an archive
 // is refused whole, before extraction starts, so nothing of it lands anywhere.
-// The parser reads ustar, GNU (long names and links) and pax headers; gzip is decompressed in
-// process, xz, bzip2 and zstd through Debian's tools.
+// The members are listed by the shared tar reader (storage/tar.ts, on tar-stream); gzip is
+// decompressed in process, xz, bzip2 and zstd through Debian's tools.
 import { spawn } from 'node:child_process';
 import { createReadStream } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
+import { readTarEntries, TarError, type TarEntry } from '../../storage/tar.js';
 import { run } from '../../util/exec.js';
 
-export type TarEntryType = 'file' | 'hardlink' | 'symlink' | 'char' | 'block' | 'dir' | 'fifo' | 'other';
-
-export interface TarEntry {
-  name: string;
-  type: TarEntryType;
-  linkname: string;
-  size: number;
-  mode: number;
-  uid: number;
-  gid: number;
-}
-
-const TYPES: Record<string, TarEntryType> = { '0': 'file', '\0': 'file', '7': 'file', '1': 'hardlink', '2': 'symlink', '3': 'char', '4': 'block', '5': 'dir', '6': 'fifo' };
-
-function str(b: Buffer, start: number, len: number): string {
-  const s = b.subarray(start, start + len);
-  const z = s.indexOf(0);
-  return (z >= 0 ? s.subarray(0, z) : s).toString('utf8');
-}
-
-function num(b: Buffer, start: number, len: number): number {
-  const f = b.subarray(start, start + len);
-  if (f[0]! & 0x80) {
-    // base-256 (GNU) for large values
-    let v = 0;
-    for (let i = 1; i < f.length; i++) v = v * 256 + f[i]!;
-    return v;
-  }
-  const s = str(b, start, len).trim();
-  return s ? parseInt(s, 8) : 0;
-}
-
-function parsePax(data: Buffer): Record<string, string> {
-  const out: Record<string, string> = {};
-  let i = 0;
-  while (i < data.length) {
-    const sp = data.indexOf(0x20, i);
-    if (sp < 0) break;
-    const len = Number(data.subarray(i, sp).toString());
-    if (!Number.isFinite(len) || len <= 0) break;
-    const rec = data.subarray(sp + 1, i + len - 1).toString('utf8');
-    const eq = rec.indexOf('=');
-    if (eq > 0) out[rec.slice(0, eq)] = rec.slice(eq + 1);
-    i += len;
-  }
-  return out;
-}
-
-/** Parses tar headers from a stream of the (uncompressed) archive. */
-export async function readTarEntries(stream: AsyncIterable<Buffer>): Promise<TarEntry[]> {
-  const entries: TarEntry[] = [];
-  let buf: Buffer = Buffer.alloc(0);
-  let skip = 0;
-  /** Collecting the data of a GNU long name/link or pax header. */
-  let collect: { kind: 'L' | 'K' | 'x' | 'g'; size: number } | undefined;
-  let longName: string | undefined;
-  let longLink: string | undefined;
-  let pax: Record<string, string> = {};
-  let globalPax: Record<string, string> = {};
-  let ended = false;
-  for await (const chunk of stream) {
-    if (ended) continue;
-    buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
-    for (;;) {
-      if (skip > 0) {
-        const n = Math.min(skip, buf.length);
-        buf = buf.subarray(n);
-        skip -= n;
-        if (skip > 0) break;
-      }
-      if (collect) {
-        const padded = Math.ceil(collect.size / 512) * 512;
-        if (buf.length < padded) break;
-        const data = buf.subarray(0, collect.size);
-        if (collect.kind === 'L') longName = str(data, 0, data.length);
-        else if (collect.kind === 'K') longLink = str(data, 0, data.length);
-        else if (collect.kind === 'x') pax = parsePax(data);
-        else globalPax = { ...globalPax, ...parsePax(data) };
-        buf = buf.subarray(padded);
-        collect = undefined;
-        continue;
-      }
-      if (buf.length < 512) break;
-      const h = buf.subarray(0, 512);
-      buf = buf.subarray(512);
-      if (h.every((x) => x === 0)) {
-        ended = true;
-        break;
-      }
-      let sum = 0;
-      for (let i = 0; i < 512; i++) sum += i >= 148 && i < 156 ? 32 : h[i]!;
-      if (sum !== num(h, 148, 8)) throw new HfError('HF_ERR_VALIDATION', 'not a tar archive (bad header checksum)');
-      const flag = String.fromCharCode(h[156]!);
-      const size = num(h, 124, 12);
-      if (flag === 'L' || flag === 'K' || flag === 'x' || flag === 'g') {
-        collect = { kind: flag, size };
-        continue;
-      }
-      const magic = str(h, 257, 6);
-      const prefix = magic === 'ustar' && h[345] !== 0 ? str(h, 345, 155) : '';
-      let name = str(h, 0, 100);
-      if (prefix) name = `${prefix}/${name}`;
-      const merged = { ...globalPax, ...pax };
-      name = merged.path ?? longName ?? name;
-      const linkname = merged.linkpath ?? longLink ?? str(h, 157, 100);
-      const type = TYPES[flag] ?? 'other';
-      entries.push({ name, type, linkname, size: merged.size ? Number(merged.size) : size, mode: num(h, 100, 8), uid: num(h, 108, 8), gid: num(h, 116, 8) });
-      longName = undefined;
-      longLink = undefined;
-      pax = {};
-      const dataSize = type === 'file' ? (merged.size ? Number(merged.size) : size) : 0;
-      skip = Math.ceil(dataSize / 512) * 512;
-    }
-  }
-  return entries;
-}
+export type { TarEntry, TarEntryType } from '../../storage/tar.js';
 
 /** Normalizes a member name ("./a//b/" → "a/b"); returns undefined for the archive root. */
 export function normalizeMember(name: string): string | undefined {
@@ -141,7 +27,7 @@ export interface UnsafeMember {
 }
 
 /** Every member that could write outside the extraction root (pure). */
-export function findUnsafeMembers(entries: TarEntry[]): UnsafeMember[] {
+export function findUnsafeMembers(entries: ReadonlyArray<Pick<TarEntry, 'name' | 'type' | 'linkname'>>): UnsafeMember[] {
   const bad: UnsafeMember[] = [];
   const symlinks = new Set<string>();
   for (const e of entries) {
@@ -201,7 +87,14 @@ async function tarStream(file: string): Promise<{ stream: AsyncIterable<Buffer>;
 /** Lists an archive's members; refuses it (HF_ERR_VALIDATION) when any member is unsafe. */
 export async function checkRootfsArchive(file: string): Promise<TarEntry[]> {
   const { stream, done } = await tarStream(file);
-  const entries = await readTarEntries(stream);
+  let entries: TarEntry[];
+  try {
+    entries = await readTarEntries(stream);
+  } catch (e) {
+    await done(); // a decompressor that failed says why better than the truncated stream does
+    if (e instanceof TarError) throw new HfError('HF_ERR_VALIDATION', `${file} is not a readable tar archive: ${e.message}`, { cause: e });
+    throw e;
+  }
   await done();
   if (entries.length === 0) throw new HfError('HF_ERR_VALIDATION', `${file} is empty or not a tar archive`);
   const bad = findUnsafeMembers(entries);

@@ -1,0 +1,6 @@
+// The storage services: pools and volumes (volumes.ts), image transfer — import, export,
+// download, publish (transfer.ts) — and instance copies (copies.ts).
+export { StorageService, type StorageServiceDeps } from './volumes.js';
+export { ImageTransferService, type ImageTransferDeps } from './transfer.js';
+export { CopyService, type CopyServiceDeps } from './copies.js';
+export { awaitOperation } from './common.js';
