@@ -7,7 +7,7 @@ import { rm, stat, open, truncate } from 'node:fs/promises';
 import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HfError, toHfError } from '../core/errors.js';
-import { checkAction, decideOnExit, isActive, restartBackoffMs, type Action } from '../core/lifecycle.js';
+import { checkAction, decideOnExit, isActive, restartBackoffMs, type LifecycleAction } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
   instanceSchema,
@@ -301,7 +301,7 @@ export class InstanceService {
    * Starts a lifecycle action as an operation. The state check runs first, so a request that
    * makes no sense now fails at once with a named error and no operation.
    */
-  async action(name: string, action: Exclude<Action, 'update' | 'delete'>, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
+  async action(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
     const inst = (await this.load(name)).value;
     if (!this.locks.holder(name)) checkAction(name, inst.state, action === 'stop' && opts.force ? 'kill' : action);
     return this.d.operations.start(`instance.${action}`, { kind: 'instance', name }, (ctx) =>
