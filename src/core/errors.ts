@@ -45,6 +45,12 @@ export const ERROR_CODES = {
   HF_ERR_QMP_COMMAND: 500,
   HF_ERR_TIMEOUT: 504,
   HF_ERR_INTERNAL: 500,
+  /** The operation was cancelled by a user (the error of a `cancelled` operation). */
+  HF_ERR_CANCELLED: 409,
+  /** The operation runs work that cannot stop half-way: it was not cancelled. */
+  HF_ERR_NOT_CANCELLABLE: 409,
+  /** The operation has already ended: there is nothing to cancel. */
+  HF_ERR_OPERATION_FINISHED: 409,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

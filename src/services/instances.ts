@@ -7,7 +7,7 @@ import { rm, stat, open, truncate } from 'node:fs/promises';
 import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HfError, toHfError } from '../core/errors.js';
-import { checkAction, decideOnExit, isActive, restartBackoffMs, type LifecycleAction } from '../core/lifecycle.js';
+import { checkAllowed, decideOnExit, isActive, restartBackoffMs, type Action, type Allowed, type Capability, type LifecycleAction } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
   instanceSchema,
@@ -53,7 +53,14 @@ export interface InstanceServiceDeps {
   qemuImg?: QemuImg;
   /** Areas that attach host resources to instances (networks, volumes). */
   extensions?: InstanceExtension[];
+  /**
+   * How long a synchronous change (PATCH) waits for a busy instance before answering HF_ERR_BUSY
+   * naming what holds it (default 10 s). Operations queue without a bound instead.
+   */
+  busyWaitMs?: number;
 }
+
+const DEFAULT_BUSY_WAIT_MS = 10_000;
 
 
 
@@ -240,11 +247,12 @@ export class InstanceService {
 
   async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[]; notes: string[] }> {
     const patch = parseInput(updateInstanceSchema, body);
-    const busy = this.locks.holder(name);
-    if (busy) throw new HfError('HF_ERR_BUSY', `instance "${name}" is busy (${busy} in progress): try again when it is done`, { details: { busyWith: busy } });
+    await this.load(name);
+    // A synchronous request: it waits its turn behind queued operations, but only so long.
+    const wait = { timeoutMs: this.d.busyWaitMs ?? DEFAULT_BUSY_WAIT_MS, label: `instance "${name}"` };
     return this.locks.run(name, 'update', async () => {
       const cur = (await this.load(name)).value;
-      checkAction(name, cur.state, 'update');
+      const allowed = this.allowed(cur, 'update');
       const next: Partial<InstanceConfig> = {};
       if (patch.vcpus !== undefined) next.vcpus = patch.vcpus;
       if (patch.maxVcpus !== undefined) next.maxVcpus = patch.maxVcpus;
@@ -266,7 +274,7 @@ export class InstanceService {
       if (running && Object.keys(next).length > 0) {
         // Growing a running instance commits more of the host now.
         checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.committed(name), this.d.capacity(), this.d.overcommit);
-        if (handle?.applyLive) live = await handle.applyLive(next, cur.config);
+        if (allowed.live && handle?.applyLive) live = await handle.applyLive(next, cur.config);
         else live = { applied: [], pending: Object.keys(next), notes: [`${cur.type} driver applies changes at the next start`] };
       }
 
@@ -292,47 +300,58 @@ export class InstanceService {
       });
       this.d.events.publish('instance.updated', { name, applied, pending });
       return { instance: updated.value, applied, pending, notes: live.notes };
-    });
+    }, wait);
   }
 
   // ---- lifecycle actions -----------------------------------------------------------------------
 
   /**
-   * Starts a lifecycle action as an operation. The state check runs first, so a request that
-   * makes no sense now fails at once with a named error and no operation.
+   * Starts a lifecycle action as an operation. On an idle instance the state check runs first,
+   * so a request that makes no sense now fails at once with a named error and no operation. On a
+   * busy one the action queues (status `queued`) and is checked when its turn comes.
    */
   async action(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
     const inst = (await this.load(name)).value;
-    if (!this.locks.holder(name)) checkAction(name, inst.state, action === 'stop' && opts.force ? 'kill' : action);
-    return this.d.operations.start(`instance.${action}`, { kind: 'instance', name }, (ctx) =>
-      this.locks.run(name, action, async () => {
-        switch (action) {
-          case 'start':
-            return this.doStart(name, ctx);
-          case 'stop':
-            return opts.force ? this.doStop(name, ctx, { force: true }) : this.doStop(name, ctx, { timeoutMs: opts.timeoutMs });
-          case 'kill':
-            return this.doStop(name, ctx, { force: true });
-          case 'restart':
-            await this.doStop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
-            return this.doStart(name, ctx);
-          case 'pause':
-            return this.doPause(name, true);
-          case 'resume':
-            return this.doPause(name, false);
-        }
-      }),
+    const check: LifecycleAction = action === 'stop' && opts.force ? 'kill' : action;
+    const queued = this.locks.busy(name);
+    if (!queued) this.allowed(inst, check);
+    // Only a graceful stop's wait for the guest can stop half-way and leave things as they were.
+    const cancellable = action === 'stop' && !opts.force;
+    return this.d.operations.start(
+      `instance.${action}`,
+      { kind: 'instance', name },
+      (ctx) =>
+        this.locked(name, action, ctx, async () => {
+          this.allowed((await this.load(name)).value, check);
+          switch (action) {
+            case 'start':
+              return this.doStart(name, ctx);
+            case 'stop':
+              return opts.force ? this.doStop(name, ctx, { force: true }) : this.doStop(name, ctx, { timeoutMs: opts.timeoutMs });
+            case 'kill':
+              return this.doStop(name, ctx, { force: true });
+            case 'restart':
+              await this.doStop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
+              return this.doStart(name, ctx);
+            case 'pause':
+              return this.doPause(name, true);
+            case 'resume':
+              return this.doPause(name, false);
+          }
+        }),
+      { cancellable, queued },
     );
   }
 
   async delete(name: string, opts: { force?: boolean } = {}): Promise<Operation> {
     const inst = (await this.load(name)).value;
-    if (!opts.force && !this.locks.holder(name)) checkAction(name, inst.state, 'delete');
+    const queued = this.locks.busy(name);
+    if (!opts.force && !queued) this.allowed(inst, 'delete');
     return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
-      this.locks.run(name, 'delete', async () => {
+      this.locked(name, 'delete', ctx, async () => {
         const cur = (await this.load(name)).value;
         if (isActive(cur.state) || this.handles.has(name)) {
-          if (!opts.force) checkAction(name, cur.state, 'delete');
+          if (!opts.force) this.allowed(cur, 'delete');
           await this.doStop(name, ctx, { force: true });
         }
         this.cancelRestart(name);
@@ -344,6 +363,7 @@ export class InstanceService {
         this.d.events.publish('instance.deleted', { name });
         this.d.log.info('instance deleted', { name });
       }),
+      { queued },
     );
   }
 
@@ -352,7 +372,7 @@ export class InstanceService {
     const marks: Record<string, number> = {};
     const mark = (what: string) => (marks[what] = Math.round((performance.now() - t0) * 10) / 10);
     const cur = (await this.load(name)).value;
-    checkAction(name, cur.state, 'start');
+    this.allowed(cur, 'start');
     this.cancelRestart(name);
     // Pending changes apply now.
     const config: InstanceConfig = { ...cur.config, ...cur.pending };
@@ -415,8 +435,15 @@ export class InstanceService {
         } catch (e) {
           this.d.log.warn('graceful shutdown request failed', { name, error: (e as Error).message });
         }
-        const exited = await Promise.race([handle.exited.then(() => true), sleep(timeoutMs).then(() => false)]);
-        if (!exited) {
+        const outcome = await waitForShutdown(handle, timeoutMs, ctx.signal);
+        if (outcome === 'cancelled') {
+          // The user gave up on the stop: the guest keeps running (it may still power itself
+          // off, having been asked; then its exit is recorded as any other).
+          this.stopping.delete(name);
+          await this.setState(name, 'running', (r) => ({ ...r, desired: 'running' }));
+          ctx.signal.throwIfAborted();
+        }
+        if (outcome === 'timeout') {
           ctx.message(`guest did not shut down within ${Math.round(timeoutMs / 1000)} s: forcing`);
           ctx.progress(80, 'forcing stop');
         }
@@ -433,7 +460,7 @@ export class InstanceService {
 
   private async doPause(name: string, pause: boolean): Promise<{ state: InstanceState }> {
     const cur = (await this.load(name)).value;
-    checkAction(name, cur.state, pause ? 'pause' : 'resume');
+    this.allowed(cur, pause ? 'pause' : 'resume');
     const handle = this.requireHandle(name);
     if (pause) await handle.pause();
     else await handle.resume();
@@ -559,7 +586,7 @@ export class InstanceService {
   // ---- console -----------------------------------------------------------------------------------
 
   async attachConsole(name: string): Promise<ConsoleAttachment> {
-    await this.load(name);
+    this.allowed((await this.load(name)).value, 'console');
     return this.requireHandle(name).attachConsole();
   }
 
@@ -627,9 +654,23 @@ export class InstanceService {
    * Runs `fn` under the instance's lock with its current record and live handle (if running).
    * Other services use this to change an instance's config and the running guest together.
    */
-  async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>): Promise<T> {
+  async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>, ctx?: OperationContext): Promise<T> {
     await this.load(name);
-    return this.locks.run(name, what, async () => fn((await this.load(name)).value, this.handles.get(name)));
+    return this.locked(name, what, ctx, async () => fn((await this.load(name)).value, this.handles.get(name)));
+  }
+
+  /**
+   * The lifecycle table's answer for `action` on `inst` as it is now, with the capabilities of
+   * its running handle (or else its driver). Throws the named refusal. Every service asks this
+   * before touching an instance, instead of keeping state lists or `if (!handle.x)` checks.
+   */
+  allowed(inst: Instance, action: Action): Allowed {
+    return checkAllowed(inst, action, this.capabilities(inst));
+  }
+
+  /** What `inst` can do: its running handle's capabilities, or else its driver's. */
+  capabilities(inst: Instance): ReadonlySet<Capability> {
+    return this.handles.get(inst.name)?.capabilities ?? this.driver(inst.type).capabilities;
   }
 
   /** Compare-and-swap update of an instance record (call inside withInstance). */
@@ -657,6 +698,19 @@ export class InstanceService {
 
   handle(name: string): InstanceHandle | undefined {
     return this.handles.get(name);
+  }
+
+  /**
+   * Runs `fn` under the instance's lock. An operation waiting for it says `queued` (naming the
+   * holder) until it has it, and a cancel while it waits means it never runs.
+   */
+  private locked<T>(name: string, what: string, ctx: OperationContext | undefined, fn: () => Promise<T>): Promise<T> {
+    if (!ctx) return this.locks.run(name, what, fn);
+    return this.locks.run(name, `${what} (operation ${ctx.id})`, fn, {
+      signal: ctx.signal,
+      onQueued: (holder) => ctx.queued(`waiting for ${holder}`),
+      onAcquired: () => ctx.running(),
+    });
   }
 
   private requireHandle(name: string): InstanceHandle {
@@ -709,6 +763,22 @@ export class InstanceService {
     }
     return { vcpus, memoryMiB };
   }
+}
+
+/** Waits for a guest asked to shut down: it exited, the timeout passed, or the stop was cancelled. */
+function waitForShutdown(handle: InstanceHandle, timeoutMs: number, signal: AbortSignal): Promise<'exited' | 'timeout' | 'cancelled'> {
+  if (signal.aborted) return Promise.resolve('cancelled');
+  return new Promise((resolve) => {
+    const finish = (how: 'exited' | 'timeout' | 'cancelled'): void => {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
+      resolve(how);
+    };
+    const onAbort = (): void => finish('cancelled');
+    const timer = setTimeout(() => finish('timeout'), timeoutMs);
+    signal.addEventListener('abort', onAbort, { once: true });
+    void handle.exited.then(() => finish('exited'));
+  });
 }
 
 function sleep(ms: number): Promise<void> {
