@@ -3,7 +3,7 @@
 // calls; validation errors and service errors become responses in one error handler.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z, type ZodTypeAny } from 'zod';
-import type { Operation } from '../core/model/operation.js';
+import { isFinished, type Operation } from '../core/model/operation.js';
 import { parseInput } from '../core/validate.js';
 
 export type Method = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -60,7 +60,7 @@ export class RouteTable {
           if (reply.sent) return reply;
           if (wait && reply.statusCode === 202 && isOperationAnswer(out)) {
             const done = await operations.wait(out.operation.id, wait * 1000);
-            if (done.status !== 'running') void reply.status(200);
+            if (isFinished(done)) void reply.status(200);
             return { ...out, operation: done };
           }
           return out;

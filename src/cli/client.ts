@@ -5,7 +5,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import WebSocket from 'ws';
 import { DEFAULT_DATA_DIR } from '../daemon/config.js';
-import type { Operation } from '../core/model/operation.js';
+import { isFinished, type Operation } from '../core/model/operation.js';
 
 export interface ClientOptions {
   url?: string;
@@ -80,7 +80,7 @@ export class ApiClient {
     for (;;) {
       const { operation } = await this.request<{ operation: Operation }>('GET', `/api/v1/operations/${id}?wait=1`);
       onUpdate?.(operation);
-      if (operation.status !== 'running') return operation;
+      if (isFinished(operation)) return operation;
     }
   }
 

@@ -35,7 +35,7 @@ export function createContext(program: Command): CliContext {
         op = o;
         view.update(o);
       });
-      if (done.status === 'failure') throw new ApiError(0, done.error?.code ?? 'HF_ERR_INTERNAL', done.error?.message ?? 'operation failed');
+      if (done.status === 'failure' || done.status === 'cancelled') throw new ApiError(0, done.error?.code ?? 'HF_ERR_INTERNAL', done.error?.message ?? `operation ${done.status}`);
       return done;
     } finally {
       clearInterval(spin);

@@ -51,6 +51,12 @@ export const ERROR_CODES = {
   HF_ERR_STATE_COMPACTED: 410,
   /** The state store cannot be reached (a remote store lost its connection). */
   HF_ERR_STATE_UNAVAILABLE: 503,
+  /** The operation was cancelled by a user (the error of a `cancelled` operation). */
+  HF_ERR_CANCELLED: 409,
+  /** The operation runs work that cannot stop half-way: it was not cancelled. */
+  HF_ERR_NOT_CANCELLABLE: 409,
+  /** The operation has already ended: there is nothing to cancel. */
+  HF_ERR_OPERATION_FINISHED: 409,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

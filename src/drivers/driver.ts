@@ -1,6 +1,7 @@
 // The driver interface: the narrow seam between the platform and a virtualization backend.
 // QEMU (drivers/qemu) implements it for virtual machines; runc (drivers/container) for system
 // containers. Services never reach past it.
+import type { Capability } from '../core/lifecycle.js';
 import type { ImageRecord } from '../core/model/image.js';
 import type { CreateInstance, DiskConfig, Instance, InstanceConfig, InstanceType, NicConfig, RuntimeInfo } from '../core/model/instance.js';
 import type { UndoStack } from '../util/undo.js';
@@ -49,6 +50,11 @@ export interface InstanceHandle {
   attachConsole(): Promise<ConsoleAttachment>;
   /** Releases daemon-side resources (sockets, timers) without touching the guest. */
   detach(): void;
+  /**
+   * What this running instance can do when it is less than its driver's set (a VM started
+   * without a balloon device…); absent: the driver's `capabilities`.
+   */
+  readonly capabilities?: ReadonlySet<Capability>;
 
   // ---- optional capabilities: a handle without one makes the service answer HF_ERR_UNSUPPORTED ----
 
@@ -126,6 +132,8 @@ export interface StartContext {
 
 export interface InstanceDriver {
   readonly type: InstanceType;
+  /** What instances of this driver can do: the lifecycle table (core/lifecycle.ts) checks it. */
+  readonly capabilities: ReadonlySet<Capability>;
   /**
    * At create, after the instance directory exists: prepare what the instance needs from its
    * image (a container's root filesystem, a VM's disks…) and the request's disks (VMs: a size

@@ -4,7 +4,6 @@
 // storage/copies.ts), through the container driver's capabilities.
 import { join } from 'node:path';
 import { HfError } from '../core/errors.js';
-import { isActive } from '../core/lifecycle.js';
 import { nameSchema, type Instance } from '../core/model/instance.js';
 import type { Operation } from '../core/model/operation.js';
 import type { ExecOptions, ExecSession, InstanceDriver } from '../drivers/driver.js';
@@ -123,11 +122,10 @@ export class ContainerService {
 
   private async startExec(name: string, command: string[], opts: ExecOptions): Promise<ExecSession> {
     const inst = await this.container(name);
+    this.d.instances.allowed(inst, 'exec');
     const handle = this.d.instances.handle(name);
-    if (!handle || !isActive(inst.state) || !handle.exec) {
-      throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `container "${name}" is ${inst.state}: start it before running commands in it`);
-    }
-    if (inst.state === 'paused') throw new HfError('HF_ERR_INVALID_STATE', `container "${name}" is paused: resume it first`);
+    // The record said running, but the process is gone or not supervised yet.
+    if (!handle?.exec) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `container "${name}" is not running: start it before running commands in it`);
     return handle.exec(command, opts);
   }
 
@@ -215,7 +213,7 @@ export function debianImageBuilder(): ImageBuilder {
     name: 'debian-12',
     type: 'container',
     description: 'Debian 12 system container built with debootstrap',
-    build: async ({ destDir, cacheDir, progress }) => describe(destDir, await buildDebianImage(destDir, cacheDir, progress)),
+    build: async ({ destDir, cacheDir, progress, signal }) => describe(destDir, await buildDebianImage(destDir, cacheDir, progress, signal)),
     adopt: async (destDir) => {
       const m = await readDebianManifest(destDir);
       return m ? describe(destDir, m) : undefined;

@@ -20,7 +20,8 @@ export interface ImageBuilder {
   readonly name: string;
   readonly type: 'vm' | 'container';
   readonly description: string;
-  build(opts: { destDir: string; cacheDir: string; progress: (percent: number, message: string) => void }): Promise<Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }>;
+  /** `signal` aborts when the build is cancelled: the builder stops and leaves no partial image. */
+  build(opts: { destDir: string; cacheDir: string; progress: (percent: number, message: string) => void; signal?: AbortSignal }): Promise<Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }>;
   /** An image built by an earlier daemon (before records existed) or by tests: adopt it. */
   adopt?(destDir: string): Promise<(Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }) | undefined>;
 }
@@ -113,7 +114,7 @@ export class ImageService {
     return this.operations.start('image.build', { kind: 'image', name }, async (ctx: OperationContext) => {
       try {
         await mkdir(this.paths.imagesDir, { recursive: true });
-        const made = await b.build({ destDir: this.dir(name), cacheDir: this.paths.cacheDir, progress: (p, m) => ctx.progress(p, m) });
+        const made = await b.build({ destDir: this.dir(name), cacheDir: this.paths.cacheDir, progress: (p, m) => ctx.progress(p, m), signal: ctx.signal });
         const rec: ImageRecord = { ...made, name, type: b.type, source: 'builtin', createdAt: made.createdAt ?? new Date().toISOString() };
         await this.records.delete(name);
         await this.records.create(name, imageRecordSchema.parse(rec));
@@ -121,7 +122,7 @@ export class ImageService {
       } finally {
         this.building.delete(name);
       }
-    });
+    }, { cancellable: true });
   }
 
   /**
@@ -177,7 +178,7 @@ export async function tinyImageBuilder(): Promise<ImageBuilder> {
     name: 'tiny',
     type: 'vm',
     description: 'Debian kernel with a busybox userland',
-    build: async ({ destDir, cacheDir, progress }) => describe(destDir, await buildTinyImage({ destDir, cacheDir, onProgress: progress })),
+    build: async ({ destDir, cacheDir, progress, signal }) => describe(destDir, await buildTinyImage({ destDir, cacheDir, onProgress: progress, signal })),
     adopt: async (destDir) => {
       const m = await readTinyManifest(destDir);
       return m ? describe(destDir, m) : undefined;

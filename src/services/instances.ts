@@ -6,7 +6,7 @@ import { rm } from 'node:fs/promises';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { HfError, toHfError } from '../core/errors.js';
-import { checkAction, isActive, type Action } from '../core/lifecycle.js';
+import { checkAllowed, isActive, type Action, type Allowed, type Capability, type LifecycleAction } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
   updateInstanceSchema,
@@ -34,7 +34,7 @@ import { pickConfig, planUpdate } from './instances/update.js';
 import { InstanceRecords } from './instances/records.js';
 import { InstanceRunner } from './instances/runner.js';
 import { Supervisor, type ReconcileResult } from './instances/supervisor.js';
-import type { OperationManager } from './operations.js';
+import type { OperationContext, OperationManager } from './operations.js';
 
 export interface InstanceServiceDeps {
   store: StateStore;
@@ -51,7 +51,14 @@ export interface InstanceServiceDeps {
   consoleLogMaxBytes: number;
   /** Areas that attach host resources to instances (networks, volumes). */
   extensions?: InstanceExtension[];
+  /**
+   * How long a synchronous change (PATCH) waits for a busy instance before answering HF_ERR_BUSY
+   * naming what holds it (default 10 s). Operations queue without a bound instead.
+   */
+  busyWaitMs?: number;
 }
+
+const DEFAULT_BUSY_WAIT_MS = 10_000;
 
 
 
@@ -74,7 +81,7 @@ export class InstanceService {
       instancesDir: d.instancesDir,
       start: (name) => this.action(name, 'start'),
     });
-    this.runner = new InstanceRunner({ ...d, records: this.records, supervisor: this.supervisor, driver: (type) => this.driver(type), paths: (name) => this.paths(name), extensions: () => this.extensions });
+    this.runner = new InstanceRunner({ ...d, records: this.records, supervisor: this.supervisor, driver: (type) => this.driver(type), paths: (name) => this.paths(name), extensions: () => this.extensions, allowed: (inst, action) => this.allowed(inst, action) });
   }
 
   // ---- queries -------------------------------------------------------------------------------
@@ -213,11 +220,12 @@ export class InstanceService {
 
   async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[]; notes: string[] }> {
     const patch = parseInput(updateInstanceSchema, body);
-    const busy = this.locks.holder(name);
-    if (busy) throw new HfError('HF_ERR_BUSY', `instance "${name}" is busy (${busy} in progress): try again when it is done`, { details: { busyWith: busy } });
+    await this.load(name);
+    // A synchronous request: it waits its turn behind queued operations, but only so long.
+    const wait = { timeoutMs: this.d.busyWaitMs ?? DEFAULT_BUSY_WAIT_MS, label: `instance "${name}"` };
     return this.locks.run(name, 'update', async () => {
       const cur = (await this.load(name)).value;
-      checkAction(name, cur.state, 'update');
+      const allowed = this.allowed(cur, 'update');
       const next: Partial<InstanceConfig> = {};
       if (patch.vcpus !== undefined) next.vcpus = patch.vcpus;
       if (patch.maxVcpus !== undefined) next.maxVcpus = patch.maxVcpus;
@@ -240,7 +248,7 @@ export class InstanceService {
         // Growing a running instance commits more of the host now.
         checkCanCommit({ name, vcpus: merged.vcpus, memoryMiB: merged.memoryMiB }, await this.records.committed(this.d.hostName, name), this.d.capacity(), this.d.overcommit);
         const handle = this.supervisor.handle(name);
-        if (handle?.applyLive) {
+        if (allowed.live && handle?.applyLive) {
           live = await handle.applyLive(next, cur.config);
           // The guest changed before the record: if the write fails, the guest goes back.
           const revert = pickConfig(cur.config, live.applied);
@@ -263,47 +271,58 @@ export class InstanceService {
       undo.commit();
       this.d.events.publish('instance.updated', { name, applied: plan.applied, pending: plan.pending });
       return { instance: updated.value, applied: plan.applied, pending: plan.pending, notes: live.notes };
-    });
+    }, wait);
   }
 
   // ---- lifecycle actions -----------------------------------------------------------------------
 
   /**
-   * Starts a lifecycle action as an operation. The state check runs first, so a request that
-   * makes no sense now fails at once with a named error and no operation.
+   * Starts a lifecycle action as an operation. On an idle instance the state check runs first,
+   * so a request that makes no sense now fails at once with a named error and no operation. On a
+   * busy one the action queues (status `queued`) and is checked when its turn comes.
    */
-  async action(name: string, action: Exclude<Action, 'update' | 'delete'>, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
+  async action(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
     const inst = (await this.load(name)).value;
-    if (!this.locks.holder(name)) checkAction(name, inst.state, action === 'stop' && opts.force ? 'kill' : action);
-    return this.d.operations.start(`instance.${action}`, { kind: 'instance', name }, (ctx) =>
-      this.locks.run(name, action, async () => {
-        switch (action) {
-          case 'start':
-            return this.runner.start(name, ctx);
-          case 'stop':
-            return opts.force ? this.runner.stop(name, ctx, { force: true }) : this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs });
-          case 'kill':
-            return this.runner.stop(name, ctx, { force: true });
-          case 'restart':
-            await this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
-            return this.runner.start(name, ctx);
-          case 'pause':
-            return this.runner.pause(name, true);
-          case 'resume':
-            return this.runner.pause(name, false);
-        }
-      }),
+    const check: LifecycleAction = action === 'stop' && opts.force ? 'kill' : action;
+    const queued = this.locks.busy(name);
+    if (!queued) this.allowed(inst, check);
+    // Only a graceful stop's wait for the guest can stop half-way and leave things as they were.
+    const cancellable = action === 'stop' && !opts.force;
+    return this.d.operations.start(
+      `instance.${action}`,
+      { kind: 'instance', name },
+      (ctx) =>
+        this.locked(name, action, ctx, async () => {
+          this.allowed((await this.load(name)).value, check);
+          switch (action) {
+            case 'start':
+              return this.runner.start(name, ctx);
+            case 'stop':
+              return opts.force ? this.runner.stop(name, ctx, { force: true }) : this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs });
+            case 'kill':
+              return this.runner.stop(name, ctx, { force: true });
+            case 'restart':
+              await this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
+              return this.runner.start(name, ctx);
+            case 'pause':
+              return this.runner.pause(name, true);
+            case 'resume':
+              return this.runner.pause(name, false);
+          }
+        }),
+      { cancellable, queued },
     );
   }
 
   async delete(name: string, opts: { force?: boolean } = {}): Promise<Operation> {
     const inst = (await this.load(name)).value;
-    if (!opts.force && !this.locks.holder(name)) checkAction(name, inst.state, 'delete');
+    const queued = this.locks.busy(name);
+    if (!opts.force && !queued) this.allowed(inst, 'delete');
     return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
-      this.locks.run(name, 'delete', async () => {
+      this.locked(name, 'delete', ctx, async () => {
         const cur = (await this.load(name)).value;
         if (isActive(cur.state) || this.supervisor.handle(name)) {
-          if (!opts.force) checkAction(name, cur.state, 'delete');
+          if (!opts.force) this.allowed(cur, 'delete');
           await this.runner.stop(name, ctx, { force: true });
         }
         this.supervisor.cancelRestart(name);
@@ -315,6 +334,7 @@ export class InstanceService {
         this.d.events.publish('instance.deleted', { name });
         this.d.log.info('instance deleted', { name });
       }),
+      { queued },
     );
   }
 
@@ -328,7 +348,7 @@ export class InstanceService {
   // ---- console -----------------------------------------------------------------------------------
 
   async attachConsole(name: string): Promise<ConsoleAttachment> {
-    await this.load(name);
+    this.allowed((await this.load(name)).value, 'console');
     return this.supervisor.requireHandle(name).attachConsole();
   }
 
@@ -349,9 +369,23 @@ export class InstanceService {
    * Runs `fn` under the instance's lock with its current record and live handle (if running).
    * Other services use this to change an instance's config and the running guest together.
    */
-  async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>): Promise<T> {
+  async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>, ctx?: OperationContext): Promise<T> {
     await this.load(name);
-    return this.locks.run(name, what, async () => fn((await this.load(name)).value, this.supervisor.handle(name)));
+    return this.locked(name, what, ctx, async () => fn((await this.load(name)).value, this.supervisor.handle(name)));
+  }
+
+  /**
+   * The lifecycle table's answer for `action` on `inst` as it is now, with the capabilities of
+   * its running handle (or else its driver). Throws the named refusal. Every service asks this
+   * before touching an instance, instead of keeping state lists or `if (!handle.x)` checks.
+   */
+  allowed(inst: Instance, action: Action): Allowed {
+    return checkAllowed(inst, action, this.capabilities(inst));
+  }
+
+  /** What `inst` can do: its running handle's capabilities, or else its driver's. */
+  capabilities(inst: Instance): ReadonlySet<Capability> {
+    return this.supervisor.handle(inst.name)?.capabilities ?? this.driver(inst.type).capabilities;
   }
 
   /** Compare-and-swap update of an instance record (call inside withInstance). */
@@ -381,6 +415,18 @@ export class InstanceService {
     return this.d.extensions ?? [];
   }
 
+  /**
+   * Runs `fn` under the instance's lock. An operation waiting for it says `queued` (naming the
+   * holder) until it has it, and a cancel while it waits means it never runs.
+   */
+  private locked<T>(name: string, what: string, ctx: OperationContext | undefined, fn: () => Promise<T>): Promise<T> {
+    if (!ctx) return this.locks.run(name, what, fn);
+    return this.locks.run(name, `${what} (operation ${ctx.id})`, fn, {
+      signal: ctx.signal,
+      onQueued: (holder) => ctx.queued(`waiting for ${holder}`),
+      onAcquired: () => ctx.running(),
+    });
+  }
 
   private driver(type: InstanceType): InstanceDriver {
     const d = this.d.drivers.get(type);

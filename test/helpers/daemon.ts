@@ -11,7 +11,7 @@ import { ApiClient } from '../../src/cli/client.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
 import { DEFAULT_OWNERS_DIR } from '../../src/services/networks.js';
 import type { Instance } from '../../src/core/model/instance.js';
-import type { Operation } from '../../src/core/model/operation.js';
+import { isFinished, type Operation } from '../../src/core/model/operation.js';
 import type { NicAddress } from '../../src/network/model.js';
 import { installTestImage } from './image.js';
 
@@ -197,7 +197,7 @@ export function operationProgress(d: TestDaemon, id: string, timeoutMs = 10_000)
           const o = ev.data.operation;
           if (o?.id !== id) continue;
           percents.push(o.progress.percent);
-          if (o.status !== 'running') {
+          if (isFinished(o)) {
             clearTimeout(timer);
             req.destroy();
             resolve(percents);

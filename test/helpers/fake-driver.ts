@@ -1,8 +1,10 @@
 // A driver that runs nothing: for unit tests of the services and the API (the real QEMU driver
 // is covered by the integration tests). Each "process" is a promise the test can end.
+import type { Capability } from '../../src/core/lifecycle.js';
 import type { Instance, InstanceConfig } from '../../src/core/model/instance.js';
 import type { ConsoleAttachment, ExitInfo, InstanceDriver, InstanceHandle, LiveChangeResult, ObservedState, StartContext } from '../../src/drivers/driver.js';
 import { HfError } from '../../src/core/errors.js';
+import { QEMU_CAPABILITIES } from '../../src/drivers/qemu/capabilities.js';
 
 let nextPid = 100_000;
 
@@ -46,6 +48,8 @@ export class FakeHandle implements InstanceHandle {
 
 export class FakeDriver implements InstanceDriver {
   readonly type = 'vm' as const;
+  /** Like a VM's by default; a test may take capabilities away. */
+  capabilities: ReadonlySet<Capability> = QEMU_CAPABILITIES;
   readonly handles = new Map<string, FakeHandle>();
   /** pids considered alive for attach() after a simulated daemon restart */
   readonly alive = new Set<number>();

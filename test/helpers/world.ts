@@ -38,6 +38,8 @@ export interface WorldOptions {
   drivers: Array<[InstanceType, InstanceDriver]>;
   capacity?: HostCapacity;
   overcommit?: OvercommitPolicy;
+  /** How long a PATCH waits for a busy instance (InstanceServiceDeps.busyWaitMs). */
+  busyWaitMs?: number;
   /**
    * Other areas (networks, storage…): built from the world's store, events and operations; they
    * may contribute instance extensions and API services, and are bound to the instance service.
@@ -72,6 +74,7 @@ export async function buildWorld(dir: string, opts: WorldOptions): Promise<TestW
     stopTimeoutMs: 200,
     consoleLogMaxBytes: 1024,
     extensions: plugins.extensions,
+    busyWaitMs: opts.busyWaitMs,
   });
   await plugins.bind?.(svc);
   const services: ApiServices = {

@@ -438,7 +438,7 @@ describe('live changes through the instance service and the API', () => {
   beforeEach(async () => {
     await driver?.close();
     driver = new LiveFakeDriver();
-    const w = await buildWorld(await mkdtemp(join(dir, 'w-')), { drivers: [['vm', driver]] });
+    const w = await buildWorld(await mkdtemp(join(dir, 'w-')), { drivers: [['vm', driver]], busyWaitMs: 100 });
     ({ svc, ops, app } = w);
   });
 
@@ -545,7 +545,7 @@ describe('live changes through the instance service and the API', () => {
     assert.equal(driver.vms.get('big')!.totalMiB, 256);
   });
 
-  it('a change while another operation holds the instance (e.g. a snapshot) is HF_ERR_BUSY', async () => {
+  it('a change while another operation holds the instance (e.g. a snapshot) past the wait bound is HF_ERR_BUSY', async () => {
     await launch('busy1');
     let release!: () => void;
     const held = svc.withInstance('busy1', 'snapshot', () => new Promise<void>((r) => (release = r)));

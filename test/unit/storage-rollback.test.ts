@@ -19,12 +19,14 @@ import type { InstanceService } from '../../src/services/instances.js';
 import { SnapshotService } from '../../src/services/snapshots.js';
 import { CopyService, ImageTransferService, StorageService } from '../../src/services/storage/index.js';
 import { silentLogger } from '../../src/util/log.js';
+import { CONTAINER_CAPABILITIES } from '../../src/drivers/container/capabilities.js';
 import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
 import { buildWorld, type TestWorld } from '../helpers/world.js';
 
 /** Containers without runc: the root filesystem is one file, snapshots and copies are copies of it. */
 class FakeContainerDriver implements InstanceDriver {
   readonly type = 'container' as const;
+  readonly capabilities = CONTAINER_CAPABILITIES;
   readonly runner = new FakeDriver();
   readonly copies = new Map<string, string>();
   released: string[] = [];

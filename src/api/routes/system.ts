@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { isFinished } from '../../core/model/operation.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
 
@@ -41,6 +42,20 @@ export function registerSystemRoutes(t: RouteTable, svc: ApiServices): void {
     handler: async ({ params, query }) => ({
       operation: query.wait ? await svc.operations.wait(params.id, query.wait * 1000) : await svc.operations.get(params.id),
     }),
+  });
+
+  t.add<unknown, unknown, { id: string }>({
+    method: 'DELETE',
+    url: '/api/v1/operations/:id',
+    summary: 'Cancel an operation: a queued one at once; a running one if its work can stop (it ends `cancelled`)',
+    tag: 'operations',
+    params: z.object({ id: z.string().min(1) }),
+    responses: { 200: '{ operation } (cancelled)', 202: '{ operation } (asked to stop; ends cancelled)' },
+    handler: async ({ params }, reply) => {
+      const operation = await svc.operations.cancel(params.id);
+      if (!isFinished(operation)) void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+      return { operation };
+    },
   });
 
   t.add({

@@ -1,5 +1,5 @@
 // Host, operation, image and daemon verbs.
-import type { Operation } from '../../core/model/operation.js';
+import { isFinished, type Operation } from '../../core/model/operation.js';
 import { formatMiB } from '../../core/units.js';
 import type { HostInfo } from '../../services/host.js';
 import type { ImageRecord } from '../../services/images.js';
@@ -60,6 +60,16 @@ export function registerSystemCommands(ctx: CliContext): void {
       console.log(describeOperation(done));
     });
   
+  operation
+    .command('cancel <id>')
+    .description('cancel an operation: a queued one at once, a running one if it can stop (e.g. a graceful stop, an image build)')
+    .option('--no-wait', 'do not wait for a running operation to end')
+    .action(async (id: string, o: { wait: boolean }) => {
+      let { operation: op } = await ctx.client().request<{ operation: Operation }>('DELETE', `/api/v1/operations/${id}`);
+      if (!isFinished(op) && o.wait) op = await ctx.client().waitOperation(op.id);
+      console.log(isFinished(op) ? `operation ${op.id} (${op.type} ${op.target.name}): ${op.status}` : `operation ${op.id}: cancel requested`);
+    });
+
   function describeOperation(op: Operation): string {
     return [
       `ID:       ${op.id}`,

@@ -1,7 +1,16 @@
 import { z } from 'zod';
 
-export const OPERATION_STATUSES = ['running', 'success', 'failure'] as const;
+/**
+ * queued: waiting for what it needs (the instance's lock) and not started; running; then one of
+ * success, failure, cancelled (a user cancelled it: a queued one never ran, a running one stopped).
+ */
+export const OPERATION_STATUSES = ['queued', 'running', 'success', 'failure', 'cancelled'] as const;
 export type OperationStatus = (typeof OPERATION_STATUSES)[number];
+
+/** Whether an operation has ended (it will not change any more). */
+export function isFinished(op: { status: OperationStatus }): boolean {
+  return op.status === 'success' || op.status === 'failure' || op.status === 'cancelled';
+}
 
 export const operationSchema = z.object({
   id: z.string(),
@@ -11,6 +20,8 @@ export const operationSchema = z.object({
   target: z.object({ kind: z.string(), name: z.string() }),
   host: z.string(),
   status: z.enum(OPERATION_STATUSES),
+  /** Whether a running operation stops when cancelled (a queued one always can be cancelled). */
+  cancellable: z.boolean().optional(),
   progress: z.object({ percent: z.number().min(0).max(100), message: z.string() }),
   messages: z.array(z.object({ at: z.string(), text: z.string() })),
   error: z.object({ code: z.string(), message: z.string() }).optional(),

@@ -40,6 +40,7 @@ import { createSnapshot, deleteSnapshot, listSnapshots, revertToSnapshot, snapsh
 import { DEFAULT_SPARE_IMAGES, DEFAULT_SPARES_PER_IMAGE, SparePool } from './spare-pool.js';
 import { blockOf, lowestFreeBlock } from './spares.js';
 import { CONTAINER_CAPS, DEFAULT_PATH, IDMAP_SIZE, buildOciSpec, checkContainerLimits, containerMetaSchema, containerResources, mergeEnv, type ContainerMeta } from './spec.js';
+import { CONTAINER_CAPABILITIES } from './capabilities.js';
 
 export const DEFAULT_RUNC_ROOT = '/run/hyperfold/runc';
 /** First host id given to containers; each gets the next free block of 65536. */
@@ -123,6 +124,7 @@ export function metaFromImage(image: ImageRecord | undefined): Omit<ContainerMet
 
 export class ContainerDriver implements InstanceDriver {
   readonly type = 'container' as const;
+  readonly capabilities = CONTAINER_CAPABILITIES;
   readonly runc: Runc;
   readonly layout: CgroupLayout;
   private readonly swapLimit: boolean;

@@ -26,6 +26,7 @@ import { deleteSnapshotLive, loadSnapshotLive, saveSnapshotLive, snapshotDisksLi
 import { QemuProcess } from './process.js';
 import { Spawner } from '../../util/spawner.js';
 import { QmpLog } from './qmp/log.js';
+import { QEMU_CAPABILITIES } from './capabilities.js';
 
 export interface QemuDriverOptions {
   binary: string;
@@ -66,6 +67,7 @@ function files(paths: InstancePaths, sockDir: string) {
 
 export class QemuDriver implements InstanceDriver {
   readonly type = 'vm' as const;
+  readonly capabilities = QEMU_CAPABILITIES;
   private binaryChecked: string | undefined;
   /** Starts QEMU without forking the daemon (see util/spawner.ts). */
   private readonly spawner = new Spawner();

@@ -6,7 +6,7 @@ import { chmod, mkdir, readFile, readdir, rename, rm, stat, unlink, writeFile } 
 import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { HfError } from '../../core/errors.js';
-import { run, which } from '../../util/exec.js';
+import { killGroup, run, which } from '../../util/exec.js';
 
 export const DEBIAN_SUITE = 'bookworm';
 export const DEBIAN_PACKAGES = ['sysvinit-core', 'procps'];
@@ -81,7 +81,7 @@ function cacheRoot(cacheDir: string): string {
 }
 
 /** Runs debootstrap into the cache once; later builds reuse it. Returns the cached rootfs. */
-export async function debootstrapCached(cacheDir: string, progress: (p: number, m: string) => void): Promise<string> {
+export async function debootstrapCached(cacheDir: string, progress: (p: number, m: string) => void, signal?: AbortSignal): Promise<string> {
   const dir = join(cacheRoot(cacheDir), `${DEBIAN_SUITE}-minbase-${DEBIAN_PACKAGES.join('+')}`);
   const rootfs = join(dir, 'rootfs');
   try {
@@ -100,7 +100,11 @@ export async function debootstrapCached(cacheDir: string, progress: (p: number, 
   progress(2, `debootstrap ${DEBIAN_SUITE} from ${mirror}`);
   let out = '';
   const code = await new Promise<number>((resolve, reject) => {
-    const child = spawn(bin, ['--variant=minbase', `--include=${DEBIAN_PACKAGES.join(',')}`, DEBIAN_SUITE, join(tmp, 'rootfs'), mirror], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Its own process group: a cancelled build kills debootstrap and the dpkg runs under it.
+    const child = spawn(bin, ['--variant=minbase', `--include=${DEBIAN_PACKAGES.join(',')}`, DEBIAN_SUITE, join(tmp, 'rootfs'), mirror], { stdio: ['ignore', 'pipe', 'pipe'], detached: signal !== undefined });
+    const onAbort = () => killGroup(child);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    child.once('close', () => signal?.removeEventListener('abort', onAbort));
     const onLine = (line: string) => {
       out = (out + line + '\n').slice(-4000);
       const p = debootstrapProgress(line);
@@ -120,6 +124,10 @@ export async function debootstrapCached(cacheDir: string, progress: (p: number, 
     child.once('error', reject);
     child.once('close', (c) => resolve(c ?? 1));
   });
+  if (signal?.aborted) {
+    await rm(tmp, { recursive: true, force: true });
+    throw signal.reason;
+  }
   if (code !== 0) {
     await rm(tmp, { recursive: true, force: true });
     throw new HfError('HF_ERR_INTERNAL', `debootstrap failed (exit ${code}): ${out.trim().split('\n').slice(-8).join('\n')}`);
@@ -142,14 +150,15 @@ export function debootstrapProgress(line: string): { percent: number; message: s
   return { percent: lo, message: `debootstrap: ${m[1]} ${m[2]}`.trim() };
 }
 
-export async function buildDebianImage(destDir: string, cacheDir: string, progress: (p: number, m: string) => void): Promise<DebianManifest> {
-  const cached = await debootstrapCached(cacheDir, progress);
+export async function buildDebianImage(destDir: string, cacheDir: string, progress: (p: number, m: string) => void, signal?: AbortSignal): Promise<DebianManifest> {
+  signal?.throwIfAborted();
+  const cached = await debootstrapCached(cacheDir, progress, signal);
   const tmp = `${destDir}.tmp-${process.pid}-${Date.now()}`;
   await rm(tmp, { recursive: true, force: true });
   await mkdir(tmp, { recursive: true });
   try {
     progress(62, 'copying the debootstrap tree');
-    await run('cp', ['-a', '--reflink=auto', cached, join(tmp, 'rootfs')], { timeoutMs: 10 * 60_000 });
+    await run('cp', ['-a', '--reflink=auto', cached, join(tmp, 'rootfs')], { timeoutMs: 10 * 60_000, signal });
     const root = join(tmp, 'rootfs');
     progress(85, 'adapting it to a container');
     await writeFile(join(root, 'etc/inittab'), INITTAB);
@@ -161,6 +170,7 @@ export async function buildDebianImage(destDir: string, cacheDir: string, progre
     await writeFile(join(root, 'etc/hosts'), '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n');
     // Scripts that manage hardware a container does not have.
     for (const s of ['S01hwclock.sh', 'S08brightness', 'S03checkroot.sh', 'S04checkfs.sh']) await unlink(join(root, 'etc/rcS.d', s)).catch(() => undefined);
+    signal?.throwIfAborted();
     const { stdout } = await run('du', ['-sb', root]);
     const files = Number((await run('sh', ['-c', `find "$1" | wc -l`, 'sh', root])).stdout.trim());
     const manifest: DebianManifest = {

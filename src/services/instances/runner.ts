@@ -4,8 +4,8 @@
 // recorded leaves nothing behind.
 import { performance } from 'node:perf_hooks';
 import { toHfError } from '../../core/errors.js';
-import { checkAction } from '../../core/lifecycle.js';
-import type { InstanceConfig, InstanceState, InstanceType } from '../../core/model/instance.js';
+import type { Action, Allowed } from '../../core/lifecycle.js';
+import type { Instance, InstanceConfig, InstanceState, InstanceType } from '../../core/model/instance.js';
 import { checkCanCommit, type HostCapacity, type OvercommitPolicy } from '../../core/resources.js';
 import type { InstanceDriver, InstanceHandle, InstancePaths } from '../../drivers/driver.js';
 import { failpoint } from '../../util/failpoint.js';
@@ -24,6 +24,8 @@ export interface InstanceRunnerDeps {
   driver: (type: InstanceType) => InstanceDriver;
   paths: (name: string) => InstancePaths;
   extensions: () => InstanceExtension[];
+  /** The lifecycle table's answer for an action on the instance as it is now (throws the named refusal). */
+  allowed: (inst: Instance, action: Action) => Allowed;
   events: EventBus;
   log: Logger;
   hostName: string;
@@ -44,7 +46,7 @@ export class InstanceRunner {
     const marks: Record<string, number> = {};
     const mark = (what: string) => (marks[what] = Math.round((performance.now() - t0) * 10) / 10);
     const cur = (await this.d.records.load(name)).value;
-    checkAction(name, cur.state, 'start');
+    this.d.allowed(cur, 'start');
     this.d.supervisor.cancelRestart(name);
     // Pending changes apply now.
     const config: InstanceConfig = { ...cur.config, ...cur.pending };
@@ -114,8 +116,14 @@ export class InstanceRunner {
         } catch (e) {
           this.d.log.warn('graceful shutdown request failed', { name, error: (e as Error).message });
         }
-        const exited = await Promise.race([handle.exited.then(() => true), sleep(timeoutMs).then(() => false)]);
-        if (!exited) {
+        const outcome = await waitForShutdown(handle, timeoutMs, ctx.signal);
+        if (outcome === 'cancelled') {
+          // The user gave up on the stop: the guest keeps running (it may still power itself
+          // off, having been asked; then its exit is recorded as any other).
+          await this.d.records.setState(name, 'running', (r) => ({ ...r, desired: 'running' }));
+          ctx.signal.throwIfAborted();
+        }
+        if (outcome === 'timeout') {
           ctx.message(`guest did not shut down within ${Math.round(timeoutMs / 1000)} s: forcing`);
           ctx.progress(80, 'forcing stop');
         }
@@ -130,7 +138,7 @@ export class InstanceRunner {
 
   async pause(name: string, pause: boolean): Promise<{ state: InstanceState }> {
     const cur = (await this.d.records.load(name)).value;
-    checkAction(name, cur.state, pause ? 'pause' : 'resume');
+    this.d.allowed(cur, pause ? 'pause' : 'resume');
     const handle = this.d.supervisor.requireHandle(name);
     if (pause) await handle.pause();
     else await handle.resume();
@@ -140,6 +148,18 @@ export class InstanceRunner {
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
+/** Waits for a guest asked to shut down: it exited, the timeout passed, or the stop was cancelled. */
+function waitForShutdown(handle: InstanceHandle, timeoutMs: number, signal: AbortSignal): Promise<'exited' | 'timeout' | 'cancelled'> {
+  if (signal.aborted) return Promise.resolve('cancelled');
+  return new Promise((resolve) => {
+    const finish = (how: 'exited' | 'timeout' | 'cancelled'): void => {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
+      resolve(how);
+    };
+    const onAbort = (): void => finish('cancelled');
+    const timer = setTimeout(() => finish('timeout'), timeoutMs);
+    signal.addEventListener('abort', onAbort, { once: true });
+    void handle.exited.then(() => finish('exited'));
+  });
 }
