@@ -18,7 +18,7 @@ import { EventBus } from '../services/events.js';
 import { bootId, describeHost, hostCapacity } from '../services/host.js';
 import { ImageService, tinyImageBuilder } from '../services/images.js';
 import { InstanceService } from '../services/instances.js';
-import { NetworkService } from '../services/networks.js';
+import { NetworkService } from '../services/network/service.js';
 import { LinuxNetHost } from '../network/host.js';
 import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';

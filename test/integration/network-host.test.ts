@@ -15,7 +15,7 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { NicAddress } from '../../src/network/model.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
-import type { NetworkView } from '../../src/services/networks.js';
+import type { NetworkView } from '../../src/network/model.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { CLI, destroyDataDir, getInstance, makeDataDir, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
 

@@ -16,7 +16,8 @@ import type { DnsmasqFiles } from '../../src/network/dnsmasq.js';
 import type { HostRoute, LinkInfo, NetHost, NicInNetns, PortOptions } from '../../src/network/host.js';
 import { NetNames } from '../../src/network/names.js';
 import { InstanceService } from '../../src/services/instances.js';
-import { NetworkService, type NetworkView } from '../../src/services/networks.js';
+import type { NetworkView } from '../../src/network/model.js';
+import { NetworkService } from '../../src/services/network/service.js';
 import { OperationManager } from '../../src/services/operations.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
@@ -144,6 +145,7 @@ const TOKEN = 'test-token-0123456789abcdef0123456789';
 
 interface World {
   dir: string;
+  store: SqliteStateStore;
   host: FakeNetHost;
   ops: OperationManager;
   svc: InstanceService;
@@ -173,7 +175,7 @@ async function world(dir: string, store = SqliteStateStore.open(':memory:'), hos
       };
     },
   });
-  return { dir, host, ops: w.ops, svc: w.svc, net, app: w.app };
+  return { dir, store, host, ops: w.ops, svc: w.svc, net, app: w.app };
 }
 
 async function call(w: World, method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
@@ -484,7 +486,7 @@ describe('network service (fake host)', () => {
     await w.host.addNetns('hfe5e5n-gone');
     await w.host.addNetns('hf1234n-other');
     // A reservation left by a create that died half-way.
-    await w.net['ips'].create('default@10.99.0.9', { network: 'default', ip: '10.99.0.9', mac: '52:54:00:12:12:12', instance: 'ghost', nic: 'eth0' });
+    await w.store.put('/network-ips/default@10.99.0.9', { network: 'default', ip: '10.99.0.9', mac: '52:54:00:12:12:12', instance: 'ghost', nic: 'eth0' });
     const r = await w.net.reconcileInstances();
     assert.deepEqual(r.removedLinks.sort(), ['hfe5e5t12345678', 'hfe5e5vdeadbeef']);
     assert.deepEqual(r.removedNetns, ['hfe5e5n-gone']);
