@@ -45,6 +45,8 @@ export const ERROR_CODES = {
   HF_ERR_QMP_COMMAND: 500,
   HF_ERR_TIMEOUT: 504,
   HF_ERR_INTERNAL: 500,
+  /** Another daemon holds the data directory's lock (daemon.lock). */
+  HF_ERR_DAEMON_RUNNING: 409,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
