@@ -126,6 +126,13 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
     assert.equal(baseline.dnsmasq, 1);
   });
 
+  it('refuses a second daemon on the same data directory (its lock is held), touching nothing', async () => {
+    const before = ownState();
+    await assert.rejects(startTestDaemon(dataDir), /HF_ERR_DAEMON_RUNNING|another hyperfold daemon is running/);
+    assert.deepEqual(ownState(), before);
+    assert.equal((await net('default')).mode, 'nat', 'the first one still answers');
+  });
+
   it('refuses bad input with stable error codes', async () => {
     const def = await net('default');
     const bad = cli('network', 'create', 'bad', '--subnet', '10.0.0.1/24');

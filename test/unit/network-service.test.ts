@@ -25,6 +25,8 @@ import type { NicPlug } from '../../src/drivers/driver.js';
 import type { NicConfig } from '../../src/core/model/instance.js';
 import type { StateStore } from '../../src/state/store.js';
 import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
+import { daemonLockFile, tryLock } from '../../src/util/flock.js';
+import { existsSync } from 'node:fs';
 import { buildWorld } from '../helpers/world.js';
 
 class FakeNetHost implements NetHost {
@@ -491,6 +493,34 @@ describe('network service (fake host)', () => {
     assert.doesNotMatch(text, new RegExp(nic.mac));
     assert.match(text, /52:54:00:99:99:99/);
     assert.ok(w.host.dhcpPid('default'), 'dnsmasq runs again after the lease file was edited');
+  });
+
+  it("removes another daemon's objects when its lock is not held, even with its data directory still there", async () => {
+    const owners = join(w.dir, 'owners');
+    const other = async (tag: string, opts: { lock: boolean; legacy?: boolean }) => {
+      const dataDir = await mkdtemp(join(w.dir, `d${tag}-`));
+      if (opts.legacy) await writeFile(join(dataDir, 'state.db'), '');
+      const held = opts.lock ? await tryLock(daemonLockFile(dataDir)) : undefined;
+      if (!opts.lock && !opts.legacy) await writeFile(daemonLockFile(dataDir), ''); // a daemon that ran and ended
+      await writeFile(join(owners, tag), dataDir + '\n');
+      w.host.links.set(`hf${tag}b-default`, { name: `hf${tag}b-default`, kind: 'bridge', up: true, addresses: [] });
+      await w.host.addNetns(`hf${tag}n-c1`);
+      return held;
+    };
+    const alive = await other('aaaa', { lock: true });
+    await other('bbbb', { lock: false });
+    await other('cccc', { lock: false, legacy: true });
+    try {
+      await w.net.start();
+      assert.ok(w.host.links.has('hfaaaab-default') && w.host.netns.has('hfaaaan-c1'), 'a running daemon keeps its objects');
+      assert.ok(!w.host.links.has('hfbbbbb-default') && !w.host.netns.has('hfbbbbn-c1'), 'a stopped one loses them');
+      assert.ok(!existsSync(join(owners, 'bbbb')), 'and its owner entry');
+      assert.ok(w.host.links.has('hfccccb-default'), 'a daemon from before the lock (store, no lock file) is left alone');
+    } finally {
+      alive?.release();
+    }
+    await w.net.start();
+    assert.ok(!w.host.links.has('hfaaaab-default'), 'gone once its lock is released');
   });
 
   it('reconcile removes our stray interfaces and namespaces and orphaned reservations, nothing else', async () => {
