@@ -109,7 +109,7 @@ export class NetworkService {
     const req = checkRequest(parseInput(createNetworkSchema, body));
     const created = await this.c.lock.run(LOCK, 'network create', () =>
       UndoStack.run(async (undo) => {
-        const net = await this.store(req);
+        const net = await this.planAndStore(req);
         undo.add('remove network record', async () => {
           await this.c.networks.delete(net.name);
           await this.c.applyLocked();
@@ -129,7 +129,7 @@ export class NetworkService {
    * the networks' version read before the list: when another create got in between, the checks
    * run again against what it made (and then usually fail with a named error).
    */
-  private async store(req: NetworkRequest): Promise<Network> {
+  private async planAndStore(req: NetworkRequest): Promise<Network> {
     const c = this.c;
     for (let attempt = 0; attempt < CREATE_ATTEMPTS; attempt++) {
       const version = (await c.d.store.get(NETWORKS_VERSION))?.modRevision ?? 0;
@@ -223,7 +223,7 @@ export class NetworkService {
       if (!(await c.d.store.get(META_DEFAULT_CREATED)) && (c.d.createDefault ?? true)) {
         if (!(await c.networks.get(DEFAULT_NETWORK))) {
           // Another daemon on the same store may be making it right now: then theirs it is.
-          const net = await this.store({ name: DEFAULT_NETWORK, mode: 'nat', description: 'NAT network created at the first start' }).catch((e: unknown) => {
+          const net = await this.planAndStore({ name: DEFAULT_NETWORK, mode: 'nat', description: 'NAT network created at the first start' }).catch((e: unknown) => {
             if (isHfError(e, 'HF_ERR_ALREADY_EXISTS')) return undefined;
             throw e;
           });
