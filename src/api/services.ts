@@ -4,7 +4,7 @@ import type { EventBus } from '../services/events.js';
 import type { HostInfo } from '../services/host.js';
 import type { ImageService } from '../services/images.js';
 import type { InstanceService } from '../services/instances.js';
-import type { NetworkService } from '../services/networks.js';
+import type { NetworkService } from '../services/network/service.js';
 import type { OperationManager } from '../services/operations.js';
 import type { SnapshotService } from '../services/snapshots.js';
 import type { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';

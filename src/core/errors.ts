@@ -57,6 +57,8 @@ export const ERROR_CODES = {
   HF_ERR_NOT_CANCELLABLE: 409,
   /** The operation has already ended: there is nothing to cancel. */
   HF_ERR_OPERATION_FINISHED: 409,
+  /** Another daemon holds the data directory's lock (daemon.lock). */
+  HF_ERR_DAEMON_RUNNING: 409,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -3,7 +3,6 @@
 // reconcile pass that re-attaches to guests after a restart.
 import { randomBytes } from 'node:crypto';
 import { access, chmod, constants, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../api/server.js';
 import type { ApiServices } from '../api/services.js';
@@ -18,7 +17,7 @@ import { EventBus } from '../services/events.js';
 import { bootId, describeHost, hostCapacity } from '../services/host.js';
 import { ImageService, tinyImageBuilder } from '../services/images.js';
 import { InstanceService } from '../services/instances.js';
-import { NetworkService } from '../services/networks.js';
+import { NetworkService } from '../services/network/service.js';
 import { LinuxNetHost } from '../network/host.js';
 import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';
@@ -30,6 +29,7 @@ import type { StateStore } from '../state/store.js';
 import { useCommandRunner } from '../util/exec.js';
 import { createLogger, type Logger } from '../util/log.js';
 import { Spawner } from '../util/spawner.js';
+import { daemonLockFile, tryLock } from '../util/flock.js';
 import { isActive } from '../core/lifecycle.js';
 import { DataPaths, type DaemonConfig } from './config.js';
 import { VERSION } from './version.js';
@@ -58,7 +58,10 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const startedAt = new Date().toISOString();
 
   await prepareDataDir(paths);
-  await refuseSecondDaemon(paths.socket);
+  // Held until this process ends (the kernel drops it on SIGKILL too): other daemons of this host
+  // judge whether we are alive by it, and a second daemon on this data directory is refused.
+  const lock = await tryLock(daemonLockFile(paths.root));
+  if (!lock) throw new HfError('HF_ERR_DAEMON_RUNNING', `another hyperfold daemon is running on the data directory ${paths.root}`);
   // Helper commands (ip, nft, qemu-img, runc…) start from a small shell, not by forking the daemon.
   await rm(paths.commandsDir, { recursive: true, force: true });
   useCommandRunner(new Spawner(), paths.commandsDir);
@@ -172,6 +175,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   } catch (e) {
     for (const a of listening) await a.close();
     await store.close();
+    lock.release();
     const err = e as NodeJS.ErrnoException;
     throw new HfError('HF_ERR_INTERNAL', `cannot listen on ${config.listenHost}:${config.listenPort}: ${err.message}`, { cause: e });
   }
@@ -206,6 +210,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
       await networks.close();
       await store.close();
       await rm(paths.socket, { force: true });
+      lock.release();
     })());
 
   log.info('hyperfold daemon ready', { url, socket: paths.socket, dataDir: paths.root, host: config.hostName, version: VERSION });
@@ -223,19 +228,6 @@ async function prepareDataDir(paths: DataPaths): Promise<void> {
   } catch (e) {
     throw new HfError('HF_ERR_DATA_DIR', `data directory ${paths.root} is not writable: ${(e as Error).message} (use --data-dir or HYPERFOLD_DATA to choose another)`, { cause: e });
   }
-}
-
-/** Two daemons on one data directory would fight over every guest: refuse the second. */
-async function refuseSecondDaemon(socket: string): Promise<void> {
-  const alive = await new Promise<boolean>((resolve) => {
-    const s = net.createConnection({ path: socket });
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (alive) throw new HfError('HF_ERR_CONFLICT', `another hyperfold daemon is already serving ${socket}`);
 }
 
 async function loadOrCreateToken(file: string): Promise<string> {

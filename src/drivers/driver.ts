@@ -81,9 +81,23 @@ export interface InstanceHandle {
   saveSnapshot?(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void>;
   loadSnapshot?(tag: string, vmstateDisk: string, diskNames: string[], progress?: (percent: number) => void): Promise<void>;
   deleteSnapshot?(tag: string, diskNames: string[]): Promise<void>;
-  /** Hot-plugs a NIC into the running instance / removes it. */
-  attachNic?(nic: NicConfig): Promise<void>;
+  /**
+   * Hot-plugs a NIC into the running instance / removes it. The network layer has made the host
+   * side (a VM's tap named in `nic.hostIface`; a container's veth pair, whose peer `plug.peer`
+   * the driver moves into the instance and configures there).
+   */
+  attachNic?(nic: NicConfig, plug?: NicPlug): Promise<void>;
   detachNic?(nicName: string): Promise<void>;
+}
+
+/** What the network layer prepared for a NIC hot-plug, beyond the NIC's config. */
+export interface NicPlug {
+  /** A host interface to move into the instance and rename to the NIC's name (a container's veth peer). */
+  peer?: string | undefined;
+  /** a.b.c.d/n to configure inside (containers get their reserved address statically). */
+  address?: string | undefined;
+  /** Default route through this address, unless the instance has one already. */
+  gateway?: string | undefined;
 }
 
 export interface LiveChangeResult {

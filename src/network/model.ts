@@ -149,3 +149,10 @@ export interface NicAddress {
   source?: 'lease' | 'static';
   expires?: string;
 }
+
+/** A network as the API shows it: the record, the NICs on it and its DHCP server. */
+export interface NetworkView extends Network {
+  /** NICs attached: instance/nic. */
+  usedBy: Array<{ instance: string; nic: string; ip?: string | undefined; mac: string }>;
+  dnsmasqPid?: number | undefined;
+}

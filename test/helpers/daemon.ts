@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ApiClient } from '../../src/cli/client.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
-import { DEFAULT_OWNERS_DIR } from '../../src/services/networks.js';
+import { DEFAULT_OWNERS_DIR } from '../../src/services/network/service.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import { isFinished, type Operation } from '../../src/core/model/operation.js';
 import type { NicAddress } from '../../src/network/model.js';

@@ -15,7 +15,7 @@ import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { NicAddress } from '../../src/network/model.js';
 import { NetNames, tagFor } from '../../src/network/names.js';
-import type { NetworkView } from '../../src/services/networks.js';
+import type { NetworkView } from '../../src/network/model.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { CLI, destroyDataDir, getInstance, makeDataDir, startTestDaemon, stopTestDaemon, type TestDaemon } from '../helpers/daemon.js';
 
@@ -124,6 +124,13 @@ describe('networking on the host: bridges, namespaces, dnsmasq, nftables (contai
     baseline = ownState();
     assert.deepEqual(baseline.links, [def.bridge]);
     assert.equal(baseline.dnsmasq, 1);
+  });
+
+  it('refuses a second daemon on the same data directory (its lock is held), touching nothing', async () => {
+    const before = ownState();
+    await assert.rejects(startTestDaemon(dataDir), /HF_ERR_DAEMON_RUNNING|another hyperfold daemon is running/);
+    assert.deepEqual(ownState(), before);
+    assert.equal((await net('default')).mode, 'nat', 'the first one still answers');
   });
 
   it('refuses bad input with stable error codes', async () => {

@@ -7,7 +7,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { NetNames, tagFor } from '../../src/network/names.js';
-import type { NetworkView } from '../../src/services/networks.js';
+import type { NetworkView } from '../../src/network/model.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { CLI, consoleRun, destroyDataDir, getInstance, makeDataDir, startTestDaemon, waitForConsole, waitForLease as leaseOf, type TestDaemon } from '../helpers/daemon.js';
 

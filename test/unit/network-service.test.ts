@@ -16,11 +16,17 @@ import type { DnsmasqFiles } from '../../src/network/dnsmasq.js';
 import type { HostRoute, LinkInfo, NetHost, NicInNetns, PortOptions } from '../../src/network/host.js';
 import { NetNames } from '../../src/network/names.js';
 import { InstanceService } from '../../src/services/instances.js';
-import { NetworkService, type NetworkView } from '../../src/services/networks.js';
+import type { NetworkView } from '../../src/network/model.js';
+import { NetworkService } from '../../src/services/network/service.js';
 import { OperationManager } from '../../src/services/operations.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
-import { FakeDriver } from '../helpers/fake-driver.js';
+import type { NicPlug } from '../../src/drivers/driver.js';
+import type { NicConfig } from '../../src/core/model/instance.js';
+import type { StateStore } from '../../src/state/store.js';
+import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
+import { daemonLockFile, tryLock } from '../../src/util/flock.js';
+import { existsSync } from 'node:fs';
 import { buildWorld } from '../helpers/world.js';
 
 class FakeNetHost implements NetHost {
@@ -48,7 +54,10 @@ class FakeNetHost implements NetHost {
   async listLinks(): Promise<LinkInfo[]> {
     return [...this.links.values()].map((l) => ({ ...l }));
   }
+  /** Awaited at the start of routes() (a create's checks): lets a test line up concurrent creates. */
+  gate: (() => Promise<void>) | undefined;
   async routes(): Promise<HostRoute[]> {
+    await this.gate?.();
     const own = [...this.links.values()].flatMap((l) => l.addresses.filter(() => l.kind === 'bridge' && l.name.startsWith('hf')).map((a) => ({ dst: a.replace(/\.\d+\//, '.0/'), dev: l.name })));
     return [...this.routeTable, ...own];
   }
@@ -144,6 +153,7 @@ const TOKEN = 'test-token-0123456789abcdef0123456789';
 
 interface World {
   dir: string;
+  store: SqliteStateStore;
   host: FakeNetHost;
   ops: OperationManager;
   svc: InstanceService;
@@ -151,13 +161,13 @@ interface World {
   app: FastifyInstance;
 }
 
-async function world(dir: string, store = SqliteStateStore.open(':memory:'), host = new FakeNetHost()): Promise<World> {
+async function world(dir: string, store = SqliteStateStore.open(':memory:'), host = new FakeNetHost(), driver = new FakeDriver()): Promise<World> {
   let net!: NetworkService;
   const w = await buildWorld(dir, {
     store,
     drivers: [
-      ['vm', new FakeDriver()],
-      ['container', new FakeDriver()],
+      ['vm', driver],
+      ['container', driver],
     ],
     capacity: { cpus: 8, memoryMiB: 8192 },
     overcommit: { cpu: 4, memory: 1 },
@@ -173,7 +183,7 @@ async function world(dir: string, store = SqliteStateStore.open(':memory:'), hos
       };
     },
   });
-  return { dir, host, ops: w.ops, svc: w.svc, net, app: w.app };
+  return { dir, store, host, ops: w.ops, svc: w.svc, net, app: w.app };
 }
 
 async function call(w: World, method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
@@ -303,6 +313,8 @@ describe('network service (fake host)', () => {
     assert.ok(!w.host.links.has('hfe5e5b-broken'), 'bridge removed');
     assert.doesNotMatch(w.host.nft, /hfe5e5b-broken/, 'rules re-applied without it');
     assert.equal(errCode(await call(w, 'GET', '/api/v1/networks/broken')), 'HF_ERR_NETWORK_NOT_FOUND');
+    assert.equal(await w.store.get('/networks/broken'), undefined, 'no record');
+    assert.equal(w.host.dhcpPid('broken'), undefined);
   });
 
   it('reserves MAC and address at create; refuses taken, foreign and outside addresses', async () => {
@@ -452,6 +464,14 @@ describe('network service (fake host)', () => {
     assert.equal((await call(w, 'POST', '/api/v1/forwards', { instance: 'web', hostPort: 18082, port: 80 })).status, 500);
     w.host.failNft = false;
     assert.equal(((await call(w, 'GET', '/api/v1/forwards')).json.forwards as unknown[]).length, 1);
+    assert.equal(await w.store.get('/network-forwards/tcp-18082'), undefined, 'no forward record');
+    assert.doesNotMatch(w.host.nft, /18082/);
+    // And a firewall change the kernel refuses leaves the firewall as it was.
+    const fwBefore = (await call(w, 'GET', '/api/v1/instances/web/firewall')).json.firewall;
+    w.host.failNft = true;
+    assert.equal((await call(w, 'PUT', '/api/v1/instances/web/firewall/policy', { inbound: 'allow' })).status, 500);
+    w.host.failNft = false;
+    assert.deepEqual((await call(w, 'GET', '/api/v1/instances/web/firewall')).json.firewall, fwBefore);
     // Deleting the instance takes its firewall and forwards with it.
     await finish(w, await call(w, 'DELETE', '/api/v1/instances/web'));
     assert.doesNotMatch(w.host.nft, /fw_web|18080/);
@@ -475,6 +495,34 @@ describe('network service (fake host)', () => {
     assert.ok(w.host.dhcpPid('default'), 'dnsmasq runs again after the lease file was edited');
   });
 
+  it("removes another daemon's objects when its lock is not held, even with its data directory still there", async () => {
+    const owners = join(w.dir, 'owners');
+    const other = async (tag: string, opts: { lock: boolean; legacy?: boolean }) => {
+      const dataDir = await mkdtemp(join(w.dir, `d${tag}-`));
+      if (opts.legacy) await writeFile(join(dataDir, 'state.db'), '');
+      const held = opts.lock ? await tryLock(daemonLockFile(dataDir)) : undefined;
+      if (!opts.lock && !opts.legacy) await writeFile(daemonLockFile(dataDir), ''); // a daemon that ran and ended
+      await writeFile(join(owners, tag), dataDir + '\n');
+      w.host.links.set(`hf${tag}b-default`, { name: `hf${tag}b-default`, kind: 'bridge', up: true, addresses: [] });
+      await w.host.addNetns(`hf${tag}n-c1`);
+      return held;
+    };
+    const alive = await other('aaaa', { lock: true });
+    await other('bbbb', { lock: false });
+    await other('cccc', { lock: false, legacy: true });
+    try {
+      await w.net.start();
+      assert.ok(w.host.links.has('hfaaaab-default') && w.host.netns.has('hfaaaan-c1'), 'a running daemon keeps its objects');
+      assert.ok(!w.host.links.has('hfbbbbb-default') && !w.host.netns.has('hfbbbbn-c1'), 'a stopped one loses them');
+      assert.ok(!existsSync(join(owners, 'bbbb')), 'and its owner entry');
+      assert.ok(w.host.links.has('hfccccb-default'), 'a daemon from before the lock (store, no lock file) is left alone');
+    } finally {
+      alive?.release();
+    }
+    await w.net.start();
+    assert.ok(!w.host.links.has('hfaaaab-default'), 'gone once its lock is released');
+  });
+
   it('reconcile removes our stray interfaces and namespaces and orphaned reservations, nothing else', async () => {
     await call(w, 'POST', '/api/v1/instances', vm('r1', [{ network: 'default' }]));
     w.host.links.set('hfe5e5t12345678', { name: 'hfe5e5t12345678', kind: 'tun', up: true, addresses: [] });
@@ -484,7 +532,7 @@ describe('network service (fake host)', () => {
     await w.host.addNetns('hfe5e5n-gone');
     await w.host.addNetns('hf1234n-other');
     // A reservation left by a create that died half-way.
-    await w.net['ips'].create('default@10.99.0.9', { network: 'default', ip: '10.99.0.9', mac: '52:54:00:12:12:12', instance: 'ghost', nic: 'eth0' });
+    await w.store.put('/network-ips/default@10.99.0.9', { network: 'default', ip: '10.99.0.9', mac: '52:54:00:12:12:12', instance: 'ghost', nic: 'eth0' });
     const r = await w.net.reconcileInstances();
     assert.deepEqual(r.removedLinks.sort(), ['hfe5e5t12345678', 'hfe5e5vdeadbeef']);
     assert.deepEqual(r.removedNetns, ['hfe5e5n-gone']);
@@ -492,5 +540,200 @@ describe('network service (fake host)', () => {
     for (const keep of ['hfb-default', 'hf1234t12345678', 'hfe5e5b-default', 'eth0']) assert.ok(w.host.links.has(keep), keep);
     assert.ok(w.host.netns.has('hf1234n-other'));
     assert.equal((await w.svc.get('r1')).config.nics.length, 1);
+  });
+});
+
+/** A fake driver whose handles hot-plug NICs (recording what the network layer handed them), or fail to. */
+class NicFakeDriver extends FakeDriver {
+  failAttach: HfError | undefined;
+  readonly plugs: Array<{ instance: string; nic: NicConfig; plug: NicPlug | undefined }> = [];
+  readonly unplugs: string[] = [];
+  override async start(instance: Instance, ctx: Parameters<FakeDriver['start']>[1]): Promise<FakeHandle> {
+    const h = (await super.start(instance, ctx)) as FakeHandle;
+    return Object.assign(h, {
+      attachNic: async (nic: NicConfig, plug?: NicPlug) => {
+        if (this.failAttach) throw this.failAttach;
+        this.plugs.push({ instance: instance.name, nic, plug });
+      },
+      detachNic: async (name: string) => void this.unplugs.push(`${instance.name}/${name}`),
+    });
+  }
+}
+
+/** Reservations (MAC and IP) held under an instance's name. */
+async function reservationsOf(store: StateStore, instance: string): Promise<string[]> {
+  const all = [...(await store.list<{ instance: string }>('/network-macs/')).entries, ...(await store.list<{ instance: string }>('/network-ips/')).entries];
+  return all.filter((e) => e.value.instance === instance).map((e) => e.key);
+}
+
+/** Resolves for everyone once `n` callers have arrived: lines concurrent work up at one point. */
+function barrier(n: number): () => Promise<void> {
+  let arrived = 0;
+  let open!: () => void;
+  const opened = new Promise<void>((r) => (open = r));
+  return async () => {
+    if (++arrived === n) open();
+    await opened;
+  };
+}
+
+describe('NIC hot-plug through the instance handle (fake host)', () => {
+  let dir: string;
+  let kernel: string;
+  let w: World;
+  let driver: NicFakeDriver;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'hf-unit-nic-'));
+    kernel = join(dir, 'vmlinuz');
+    await writeFile(kernel, 'not a kernel');
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+  beforeEach(async () => {
+    driver = new NicFakeDriver();
+    w = await world(await mkdtemp(join(dir, 'w-')), undefined, undefined, driver);
+  });
+
+  it('container: the host side is made here, the peer handed to the handle; a failing handle leaves nothing', async () => {
+    assert.equal((await call(w, 'POST', '/api/v1/instances', { name: 'c9', type: 'container', nics: [] })).status, 201);
+    assert.equal((await finish(w, await call(w, 'POST', '/api/v1/instances/c9/start', {}))).status, 'success');
+    const linksBefore = w.host.ours().sort();
+    const nftBefore = w.host.nft;
+    driver.failAttach = new HfError('HF_ERR_HYPERVISOR', 'cannot move the interface');
+    const failed = await finish(w, await call(w, 'POST', '/api/v1/instances/c9/nics', { network: 'default' }));
+    assert.equal(failed.status, 'failure');
+    assert.equal(failed.error?.code, 'HF_ERR_HYPERVISOR');
+    assert.deepEqual(w.host.ours().sort(), linksBefore, 'no veth left');
+    assert.ok(!w.host.netns.has('hfe5e5n-c9'), 'no namespace name left');
+    assert.equal(w.host.nft, nftBefore, 'the ruleset as before');
+    const rec = await w.svc.get('c9');
+    assert.deepEqual(rec.config.nics, []);
+    assert.equal(rec.config.netns, undefined);
+    assert.deepEqual(await reservationsOf(w.store, 'c9'), [], 'no reservation left');
+
+    driver.failAttach = undefined;
+    const ok = await finish(w, await call(w, 'POST', '/api/v1/instances/c9/nics', { network: 'default' }));
+    assert.equal(ok.status, 'success', JSON.stringify(ok.error));
+    const def = (await call(w, 'GET', '/api/v1/networks/default')).json.network as NetworkView;
+    const nic = (await w.svc.get('c9')).config.nics[0]!;
+    assert.equal(driver.plugs.length, 1);
+    const { plug } = driver.plugs[0]!;
+    assert.match(plug?.peer ?? '', /^hfe5e5p[0-9a-f]{8}$/);
+    assert.deepEqual([plug?.address, plug?.gateway], [`${nic.ip}/24`, def.gateway]);
+    const veth = [...w.host.links.values()].find((l) => l.kind === 'veth' && l.name.startsWith('hfe5e5v'))!;
+    assert.equal(veth.master, 'hfe5e5b-default');
+    assert.equal((await w.svc.get('c9')).config.netns, '/run/netns/hfe5e5n-c9');
+    assert.match(w.host.nft, new RegExp(veth.name));
+    const rmOp = await finish(w, await call(w, 'DELETE', '/api/v1/instances/c9/nics/eth0'));
+    assert.equal(rmOp.status, 'success', JSON.stringify(rmOp.error));
+    assert.deepEqual(driver.unplugs, ['c9/eth0']);
+    assert.ok(!w.host.links.has(veth.name));
+    assert.deepEqual(await reservationsOf(w.store, 'c9'), []);
+  });
+
+  it('VM: a failing handle takes the tap, the NIC and its reservation back', async () => {
+    assert.equal((await call(w, 'POST', '/api/v1/instances', { name: 'v9', boot: { kind: 'kernel', kernel }, nics: [] })).status, 201);
+    assert.equal((await finish(w, await call(w, 'POST', '/api/v1/instances/v9/start', {}))).status, 'success');
+    const linksBefore = w.host.ours().sort();
+    driver.failAttach = new HfError('HF_ERR_QMP_COMMAND', 'device_add failed');
+    const failed = await finish(w, await call(w, 'POST', '/api/v1/instances/v9/nics', { network: 'default', ip: undefined }));
+    assert.equal(failed.error?.code, 'HF_ERR_QMP_COMMAND');
+    assert.deepEqual(w.host.ours().sort(), linksBefore, 'no tap left');
+    assert.deepEqual((await w.svc.get('v9')).config.nics, []);
+    assert.deepEqual(await reservationsOf(w.store, 'v9'), []);
+    assert.doesNotMatch(w.host.nft, /hfe5e5t/);
+  });
+
+  it('a stopped instance: when the ruleset cannot be applied, the NIC and its reservation go', async () => {
+    assert.equal((await call(w, 'POST', '/api/v1/instances', { name: 's9', boot: { kind: 'kernel', kernel }, nics: [] })).status, 201);
+    w.host.failNft = true;
+    const failed = await finish(w, await call(w, 'POST', '/api/v1/instances/s9/nics', { network: 'default' }));
+    w.host.failNft = false;
+    assert.equal(failed.status, 'failure');
+    assert.deepEqual((await w.svc.get('s9')).config.nics, []);
+    assert.deepEqual(await reservationsOf(w.store, 's9'), []);
+  });
+});
+
+describe('two network services on one store (two daemons of a cluster)', () => {
+  let dir: string;
+  let kernel: string;
+  let w1: World;
+  let w2: World;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'hf-unit-net2-'));
+    kernel = join(dir, 'vmlinuz');
+    await writeFile(kernel, 'not a kernel');
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+  beforeEach(async () => {
+    const db = join(await mkdtemp(join(dir, 'db-')), 'state.db');
+    w1 = await world(await mkdtemp(join(dir, 'w1-')), SqliteStateStore.open(db));
+    w2 = await world(await mkdtemp(join(dir, 'w2-')), SqliteStateStore.open(db));
+  });
+
+  /** Holds every store transaction that writes under `prefix` until `n` of them are waiting. */
+  const lineUpTxns = (stores: StateStore[], prefix: string, n: number) => {
+    const gate = barrier(n);
+    for (const st of stores) {
+      const txn = st.txn.bind(st);
+      st.txn = async (compares, ops) => {
+        if (ops.some((o) => o.key.startsWith(prefix))) await gate();
+        return txn(compares, ops);
+      };
+    }
+  };
+
+  it('overlapping networks created at once: exactly one is made, the other is refused with nothing half-made', async () => {
+    const gate = barrier(2);
+    w1.host.gate = gate;
+    w2.host.gate = gate;
+    const [a, b] = await Promise.allSettled([w1.net.create({ name: 'a', subnet: '10.250.0.0/24' }), w2.net.create({ name: 'b', subnet: '10.250.0.128/25' })]);
+    w1.host.gate = w2.host.gate = undefined;
+    const won = [a, b].filter((r) => r.status === 'fulfilled');
+    const lost = [a, b].flatMap((r) => (r.status === 'rejected' ? [r.reason as unknown] : []));
+    assert.equal(won.length, 1, 'one create wins');
+    assert.equal(lost.length, 1);
+    assert.ok(lost[0] instanceof HfError && lost[0].code === 'HF_ERR_SUBNET_CONFLICT', String(lost[0]));
+    const loser = a.status === 'rejected' ? { w: w1, name: 'a' } : { w: w2, name: 'b' };
+    assert.deepEqual((await w1.net.list()).map((n) => n.name).sort(), [a.status === 'fulfilled' ? 'a' : 'b', 'default'].sort());
+    assert.ok(!loser.w.host.links.has(`hfe5e5b-${loser.name}`), 'no bridge for the loser');
+    assert.equal(loser.w.host.dhcpPid(loser.name), undefined, 'no dnsmasq for the loser');
+  });
+
+  it('the same bridge name from both at once: one wins, the other gets HF_ERR_ALREADY_EXISTS', async () => {
+    const gate = barrier(2);
+    w1.host.gate = gate;
+    w2.host.gate = gate;
+    const rs = await Promise.allSettled([w1.net.create({ name: 'lab', subnet: '10.251.0.0/24' }), w2.net.create({ name: 'lab', subnet: '10.252.0.0/24' })]);
+    w1.host.gate = w2.host.gate = undefined;
+    const codes = rs.map((r) => (r.status === 'fulfilled' ? 'ok' : (r.reason as HfError).code)).sort();
+    assert.deepEqual(codes, ['HF_ERR_ALREADY_EXISTS', 'ok']);
+  });
+
+  it('the same address reserved at once: one wins, the other gets HF_ERR_ADDRESS_IN_USE with nothing half-made', async () => {
+    const def = (await call(w1, 'GET', '/api/v1/networks/default')).json.network as NetworkView;
+    const ip = def.subnet!.replace(/\.0\/24$/, '.77');
+    lineUpTxns([w1.store, w2.store], '/network-macs/', 2);
+    const vm = (name: string) => ({ name, boot: { kind: 'kernel', kernel }, nics: [{ network: 'default', ip }] });
+    const [r1, r2] = await Promise.all([call(w1, 'POST', '/api/v1/instances', vm('x1')), call(w2, 'POST', '/api/v1/instances', vm('x2'))]);
+    assert.deepEqual([r1.status, r2.status].sort(), [201, 409], JSON.stringify([r1.json, r2.json]));
+    const [winner, loser] = r1.status === 201 ? ['x1', 'x2'] : ['x2', 'x1'];
+    assert.equal(errCode(r1.status === 409 ? r1 : r2), 'HF_ERR_ADDRESS_IN_USE');
+    assert.equal(errCode(await call(w1, 'GET', `/api/v1/instances/${loser}`)), 'HF_ERR_INSTANCE_NOT_FOUND');
+    assert.deepEqual(await reservationsOf(w1.store, loser), [], 'the loser holds no MAC or address');
+    assert.equal((await reservationsOf(w1.store, winner)).length, 2);
+  });
+
+  it('addresses chosen automatically at once: both get one, different', async () => {
+    lineUpTxns([w1.store, w2.store], '/network-macs/', 2);
+    const vm = (name: string) => ({ name, boot: { kind: 'kernel', kernel }, nics: [{ network: 'default' }] });
+    const [r1, r2] = await Promise.all([call(w1, 'POST', '/api/v1/instances', vm('y1')), call(w2, 'POST', '/api/v1/instances', vm('y2'))]);
+    assert.deepEqual([r1.status, r2.status], [201, 201], JSON.stringify([r1.json, r2.json]));
+    const ips = [r1, r2].map((r) => (r.json.instance as Instance).config.nics[0]!.ip);
+    assert.notEqual(ips[0], ips[1]);
   });
 });

@@ -3,7 +3,7 @@
 import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
 import { addFirewallRuleSchema, createForwardSchema, createNetworkSchema, firewallPolicySchema, nicRequestSchema } from '../../network/model.js';
-import type { NetworkService } from '../../services/networks.js';
+import type { NetworkService } from '../../services/network/service.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
 

@@ -1,9 +1,8 @@
 // Network verbs: `network` (create, list, info, delete), `nic` (add, remove, list), `firewall`
 // (add, remove, list, policy) and `forward` (add, remove, list). Thin calls to the REST API.
 import type { Operation } from '../../core/model/operation.js';
-import type { Firewall, Forward, NicAddress } from '../../network/model.js';
+import type { Firewall, Forward, NetworkView, NicAddress } from '../../network/model.js';
 import { parseRuleSpec } from '../../network/firewall.js';
-import type { NetworkView } from '../../services/networks.js';
 import type { NicConfig } from '../../core/model/instance.js';
 import { ApiError } from '../client.js';
 import type { CliContext } from '../context.js';

@@ -79,3 +79,57 @@ export async function transplantNetns(netnsPath: string, pid: number): Promise<N
   }
   return plan;
 }
+
+// ---- NIC hot-plug into a running container ----------------------------------------------------
+
+export interface NicInside {
+  /** The interface's name inside the container. */
+  name: string;
+  mac: string;
+  /** a.b.c.d/n to configure. */
+  address?: string | undefined;
+  /** Default route through it, unless the container has one (its first NIC's). */
+  gateway?: string | undefined;
+}
+
+export interface PlugStep {
+  argv: string[];
+  /** Failure is fine (IPv6 knob missing), or fine when stderr matches (default route exists). */
+  tolerate?: true | RegExp;
+}
+
+/**
+ * Pure: the commands that move host interface `peer` into the network namespace of `pid` (a
+ * running container's init) and configure it there as `nic`.
+ */
+export function planNicPlug(pid: number, peer: string, nic: NicInside): PlugStep[] {
+  const inCt = (...args: string[]) => ['nsenter', '-t', String(pid), '-n', ...args];
+  const steps: PlugStep[] = [
+    { argv: ['ip', 'link', 'set', 'dev', peer, 'netns', String(pid)] },
+    { argv: inCt('ip', 'link', 'set', 'dev', peer, 'name', nic.name) },
+    { argv: inCt('ip', 'link', 'set', 'dev', nic.name, 'address', nic.mac) },
+    // Hyperfold networks are IPv4 only: no link-local IPv6 chatter from the container either.
+    { argv: inCt('sysctl', '-q', '-w', `net.ipv6.conf.${nic.name}.disable_ipv6=1`), tolerate: true },
+  ];
+  if (nic.address) steps.push({ argv: inCt('ip', 'addr', 'add', nic.address, 'dev', nic.name) });
+  steps.push({ argv: inCt('ip', 'link', 'set', 'dev', nic.name, 'up') });
+  if (nic.gateway) steps.push({ argv: inCt('ip', 'route', 'add', 'default', 'via', nic.gateway, 'dev', nic.name), tolerate: /File exists/ });
+  return steps;
+}
+
+/** Moves `peer` into the running container `pid` and configures it as `nic` (see planNicPlug). */
+export async function plugNic(pid: number, peer: string, nic: NicInside): Promise<void> {
+  for (const s of planNicPlug(pid, peer, nic)) {
+    const r = await run(s.argv[0]!, s.argv.slice(1), { allowFailure: true, timeoutMs: 15_000 });
+    if (r.code === 0 || s.tolerate === true || (s.tolerate && s.tolerate.test(r.stderr))) continue;
+    throw new HfError('HF_ERR_HYPERVISOR', `cannot plug ${nic.name} into the container: ${s.argv.join(' ')}: ${r.stderr.trim()}`);
+  }
+}
+
+/** Deletes interface `name` in the running container `pid` (its veth peer on the host goes with it). */
+export async function unplugNic(pid: number, name: string): Promise<void> {
+  const r = await run('nsenter', ['-t', String(pid), '-n', 'ip', 'link', 'del', 'dev', name], { allowFailure: true, timeoutMs: 15_000 });
+  if (r.code !== 0 && !/Cannot find device|does not exist/i.test(r.stderr)) {
+    throw new HfError('HF_ERR_HYPERVISOR', `cannot remove ${name} from the container: ${r.stderr.trim()}`);
+  }
+}
