@@ -12,7 +12,7 @@ import { HfError } from '../../src/core/errors.js';
 import type { ImageRecord } from '../../src/core/model/image.js';
 import type { DiskConfig, Instance, InstanceConfig } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
-import type { InstanceDriver, InstanceHandle, InstancePaths, StartContext } from '../../src/drivers/driver.js';
+import type { DiskRequest, InstanceDriver, InstanceHandle, InstancePaths, StartContext } from '../../src/drivers/driver.js';
 import type { HfEvent } from '../../src/services/events.js';
 import type { ImageService } from '../../src/services/images.js';
 import type { InstanceService } from '../../src/services/instances.js';
@@ -20,6 +20,8 @@ import { SnapshotService } from '../../src/services/snapshots.js';
 import { CopyService, ImageTransferService, StorageService } from '../../src/services/storage/index.js';
 import { silentLogger } from '../../src/util/log.js';
 import { CONTAINER_CAPABILITIES } from '../../src/drivers/container/capabilities.js';
+import { provisionVmDisks } from '../../src/drivers/qemu/provision.js';
+import { QemuImg } from '../../src/storage/qemu-img.js';
 import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
 import { buildWorld, type TestWorld } from '../helpers/world.js';
 
@@ -78,6 +80,10 @@ class DiskHandle extends FakeHandle {
 }
 
 class DiskVmDriver extends FakeDriver {
+  /** Real qcow2 files, as the QEMU driver makes them: publish and attach read them. */
+  async provision(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, _progress?: unknown, disks: DiskRequest[] = []): Promise<Instance> {
+    return provisionVmDisks(instance, image, paths, disks, new QemuImg());
+  }
   override async start(instance: Instance): Promise<InstanceHandle> {
     const h = new DiskHandle({ pid: 4242, pidStartTime: 1, accel: 'tcg', startedAt: new Date().toISOString(), details: {} }, true);
     this.handles.set(instance.name, h);
