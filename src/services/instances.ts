@@ -405,6 +405,7 @@ export class InstanceService {
   /** Detaches from every live guest without stopping any (daemon shutdown). */
   async close(): Promise<void> {
     this.supervisor.close();
+    this.records.close();
   }
 
   handle(name: string): InstanceHandle | undefined {

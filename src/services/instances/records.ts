@@ -1,18 +1,26 @@
 // The instance records of the store, with what the service and the supervisor both need: named
 // errors for a missing record, state changes that publish `instance.state`, and a wait for a
-// state on the collection's watch.
+// state. The records are read from a local copy kept current by a watch (CachedCollection), so
+// listing, admission and waits stay local reads when the store is remote; writes go through to
+// the store (compare-and-swap) and return once the copy has seen them.
 import { HfError } from '../../core/errors.js';
 import { isActive } from '../../core/lifecycle.js';
 import { instanceSchema, nameSchema, type Instance, type InstanceState } from '../../core/model/instance.js';
+import { CachedCollection } from '../../state/cached-collection.js';
 import { Collection, type Versioned } from '../../state/collection.js';
 import type { StateStore } from '../../state/store.js';
 import type { EventBus } from '../events.js';
 
 export class InstanceRecords {
-  readonly collection: Collection<Instance>;
+  readonly collection: CachedCollection<Instance>;
 
   constructor(store: StateStore, private readonly events: EventBus) {
-    this.collection = new Collection<Instance>(store, '/instances/', instanceSchema);
+    this.collection = new CachedCollection(new Collection<Instance>(store, '/instances/', instanceSchema));
+  }
+
+  /** Stops following the store (daemon shutdown); waits still pending fail. */
+  close(): void {
+    this.collection.close();
   }
 
   async list(): Promise<Instance[]> {
@@ -54,33 +62,10 @@ export class InstanceRecords {
 
   /**
    * Resolves with the record once it is in one of `states` (undefined once it is deleted);
-   * HF_ERR_TIMEOUT after `timeoutMs`. Watches first, then reads: a change in between is not lost.
+   * HF_ERR_TIMEOUT after `timeoutMs`. Driven by the watch that keeps the local copy current.
    */
-  waitForState(name: string, states: InstanceState[], timeoutMs: number): Promise<Instance | undefined> {
-    return new Promise((resolve, reject) => {
-      let done = false;
-      const finish = (settle: () => void) => {
-        if (done) return;
-        done = true;
-        clearTimeout(timer);
-        watch.cancel();
-        settle();
-      };
-      const seen = (v: Instance | undefined) => {
-        if (v === undefined) finish(() => resolve(undefined));
-        else if (states.includes(v.state)) finish(() => resolve(v));
-      };
-      const watch = this.collection.watch((ev) => {
-        if (ev.id === name) seen(ev.type === 'delete' ? undefined : ev.value);
-      });
-      const timer = setTimeout(
-        () => finish(() => reject(new HfError('HF_ERR_TIMEOUT', `instance "${name}" did not become ${states.join(' or ')} within ${timeoutMs} ms`))),
-        timeoutMs,
-      );
-      this.collection.get(name).then(
-        (v) => seen(v?.value),
-        (e: unknown) => finish(() => reject(e)),
-      );
-    });
+  async waitForState(name: string, states: InstanceState[], timeoutMs: number): Promise<Instance | undefined> {
+    const v = await this.collection.waitFor(name, (r) => r === undefined || states.includes(r.state), timeoutMs);
+    return v?.value;
   }
 }
