@@ -11,7 +11,8 @@ import type { DiskConfig, Instance, InstanceConfig, RuntimeInfo } from '../../co
 import type { Logger } from '../../util/log.js';
 import { which } from '../../util/exec.js';
 import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult, ObservedState, StartContext } from '../driver.js';
-import { resolveAccel, type AccelVerdict } from './accel.js';
+import type { AccelVerdict } from '../../core/model/host.js';
+import { resolveAccel } from './accel.js';
 import { buildQemuArgv } from './argv.js';
 import { hotplugDisk, resizeDiskLive, unplugDisk } from './block.js';
 import { hotplugNic, unplugNic } from './nic.js';
