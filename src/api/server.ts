@@ -1,6 +1,6 @@
 // The REST API under /api/v1 (Fastify). Two listeners share one route table: TCP, which
 // requires the bearer token, and a root-only unix socket in the data directory, which does not.
-import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import websocket from '@fastify/websocket';
 import { timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
@@ -74,7 +74,9 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
 }
 
 export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<FastifyInstance> {
-  const app = Fastify({ logger: false, bodyLimit: 4 * 1024 * 1024, forceCloseConnections: true });
+  // Fastify logs through our pino (its own warnings and errors only: requests are not logged).
+  const pinoLog: FastifyBaseLogger | undefined = opts.log.pino?.child({ component: 'api' }, { level: 'warn' });
+  const app = Fastify({ ...(pinoLog ? { loggerInstance: pinoLog } : { logger: false }), disableRequestLogging: true, bodyLimit: 4 * 1024 * 1024, forceCloseConnections: true });
   await app.register(websocket);
 
   app.addHook('onRequest', async (req) => {

@@ -1,7 +1,7 @@
 // What the API layer needs from the daemon: passed in, never reached through globals.
 import type { ContainerService } from '../services/containers.js';
 import type { EventBus } from '../services/events.js';
-import type { HostInfo } from '../services/host.js';
+import type { HostInfo } from '../core/model/host.js';
 import type { ImageService } from '../services/images.js';
 import type { InstanceService } from '../services/instances.js';
 import type { NetworkService } from '../services/network/service.js';

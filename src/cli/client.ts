@@ -4,7 +4,7 @@ import http from 'node:http';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import WebSocket from 'ws';
-import { DEFAULT_DATA_DIR } from '../daemon/config.js';
+import { DEFAULT_DATA_DIR, DEFAULT_LISTEN } from '../core/defaults.js';
 import { isFinished, type Operation } from '../core/model/operation.js';
 
 export interface ClientOptions {
@@ -31,7 +31,7 @@ export class ApiClient {
     if (!url && existsSync(sock)) {
       this.socketPath = sock;
     } else {
-      this.base = new URL(url ?? 'http://127.0.0.1:8006');
+      this.base = new URL(url ?? `http://${DEFAULT_LISTEN}`);
       this.token = opts.token ?? process.env.HYPERFOLD_TOKEN ?? readToken(dataDir);
     }
   }

@@ -1,4 +1,5 @@
 // Terminal output: tables, sizes and a progress bar/spinner for operations.
+import cliProgress from 'cli-progress';
 import type { Operation } from '../core/model/operation.js';
 
 export function table(headers: string[], rows: string[][]): string {
@@ -8,25 +9,52 @@ export function table(headers: string[], rows: string[][]): string {
 }
 
 const SPIN = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+const BAR_WIDTH = 24;
 
-/** Renders an operation's progress on stderr: a bar on a terminal, nothing otherwise. */
+/**
+ * One line of an operation's progress: "[#####...]  42% vm.start web1: booting" once it reports a
+ * percentage, a spinner frame before that.
+ */
+export function progressLine(op: Operation, frame: number): string {
+  const pct = Math.max(0, Math.min(100, Math.round(op.progress.percent)));
+  const filled = Math.round((pct / 100) * BAR_WIDTH);
+  const head = pct > 0 ? `[${'#'.repeat(filled)}${'.'.repeat(BAR_WIDTH - filled)}] ${String(pct).padStart(3)}%` : SPIN[frame % SPIN.length]!;
+  return `${head} ${op.type} ${op.target.name}: ${op.progress.message}`;
+}
+
+/**
+ * Renders an operation's progress on stderr: a bar on a terminal, nothing otherwise (so scripts
+ * and tests read only the command's output). cli-progress owns the terminal side: redraws at a
+ * bounded rate, cuts the line to the terminal's width, clears it at the end.
+ */
 export class ProgressView {
   private frame = 0;
-  private drawn = false;
-  private readonly tty = Boolean(process.stderr.isTTY);
+  private bar: cliProgress.SingleBar | undefined;
+  private op: Operation | undefined;
+
+  constructor(private readonly stream: NodeJS.WriteStream = process.stderr) {}
 
   update(op: Operation): void {
-    if (!this.tty) return;
-    const pct = op.progress.percent;
-    const width = 24;
-    const filled = Math.round((pct / 100) * width);
-    const bar = pct > 0 ? `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${String(pct).padStart(3)}%` : SPIN[this.frame++ % SPIN.length]!;
-    process.stderr.write(`\r\x1b[2K${bar} ${op.type} ${op.target.name}: ${op.progress.message}`.slice(0, (process.stderr.columns || 100) - 1));
-    this.drawn = true;
+    if (!this.stream.isTTY) return;
+    this.op = op;
+    this.frame++;
+    if (!this.bar) {
+      this.bar = new cliProgress.SingleBar({
+        stream: this.stream,
+        format: () => (this.op ? progressLine(this.op, this.frame) : ''),
+        clearOnComplete: true,
+        hideCursor: null,
+        linewrap: false,
+        fps: 10,
+      });
+      this.bar.start(100, op.progress.percent);
+    } else {
+      this.bar.update(op.progress.percent);
+    }
   }
 
   done(): void {
-    if (this.drawn) process.stderr.write('\r\x1b[2K');
-    this.drawn = false;
+    this.bar?.stop();
+    this.bar = undefined;
   }
 }

@@ -2,6 +2,7 @@
 // daemon uses is derived here from the data directory.
 import { hostname } from 'node:os';
 import { join } from 'node:path';
+import { DEFAULT_DATA_DIR, DEFAULT_LISTEN } from '../core/defaults.js';
 
 export interface DaemonConfig {
   dataDir: string;
@@ -20,8 +21,7 @@ export interface DaemonConfig {
   buildTinyImage: boolean;
 }
 
-export const DEFAULT_DATA_DIR = '/var/lib/hyperfold';
-export const DEFAULT_LISTEN = '127.0.0.1:8006';
+export { DEFAULT_DATA_DIR, DEFAULT_LISTEN };
 
 export function defaultConfig(overrides: Partial<DaemonConfig> = {}): DaemonConfig {
   const env = process.env;

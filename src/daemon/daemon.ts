@@ -8,7 +8,8 @@ import { buildApp } from '../api/server.js';
 import type { ApiServices } from '../api/services.js';
 import { HfError } from '../core/errors.js';
 import type { InstanceDriver } from '../drivers/driver.js';
-import { loadOrProbe, type AccelVerdict } from '../drivers/qemu/accel.js';
+import type { AccelVerdict } from '../core/model/host.js';
+import { loadOrProbe } from '../drivers/qemu/accel.js';
 import { QemuDriver } from '../drivers/qemu/driver.js';
 import { ContainerDriver } from '../drivers/container/driver.js';
 import { ContainerService, containerImageBuilders } from '../services/containers.js';
@@ -85,7 +86,7 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const containerDriver = new ContainerDriver({ runcBinary: env.HYPERFOLD_RUNC, runcRoot: env.HYPERFOLD_RUNC_ROOT, idmapBase: env.HYPERFOLD_IDMAP_BASE ? Number(env.HYPERFOLD_IDMAP_BASE) : undefined, dataDir: paths.root, instancesDir: paths.instancesDir, log: log.child({ component: 'container' }) });
   drivers.set('container', containerDriver);
 
-  const images = new ImageService(store, paths, operations);
+  const images = new ImageService(store, { imagesDir: paths.imagesDir, cacheDir: paths.cacheDir }, operations);
   images.registerBuilder(await tinyImageBuilder());
   for (const b of containerImageBuilders()) images.registerBuilder(b);
   // Areas that hook into the instance lifecycle (snapshot records…) add themselves here.

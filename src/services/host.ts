@@ -1,27 +1,8 @@
 // What this host is and can do: CPUs, memory, the accelerator verdict and software versions.
 import { cpus, freemem, hostname, loadavg, release, totalmem, uptime } from 'node:os';
 import { readFileSync } from 'node:fs';
-import type { AccelVerdict } from '../drivers/qemu/accel.js';
+import type { AccelVerdict, HostInfo } from '../core/model/host.js';
 import type { HostCapacity, OvercommitPolicy } from '../core/resources.js';
-
-export interface HostInfo {
-  name: string;
-  hostname: string;
-  kernel: string;
-  cpus: { count: number; model: string };
-  memory: { totalMiB: number; freeMiB: number };
-  loadavg: number[];
-  uptimeSeconds: number;
-  overcommit: OvercommitPolicy;
-  accelerator: {
-    kvm: { usable: boolean; reason: string; probedAt?: string };
-    tcg: { usable: boolean; reason: string };
-    default: 'kvm' | 'tcg';
-  };
-  qemuVersion?: string;
-  daemon: { version: string; pid: number; startedAt: string; rssBytes: number };
-  instances: { total: number; running: number; committedVcpus: number; committedMemoryMiB: number };
-}
 
 let capacityCache: { at: number; value: HostCapacity } | undefined;
 

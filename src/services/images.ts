@@ -8,7 +8,6 @@ import { HfError } from '../core/errors.js';
 import { nameSchema } from '../core/model/instance.js';
 import { imageRecordSchema, type ImageRecord } from '../core/model/image.js';
 import type { Operation } from '../core/model/operation.js';
-import type { DataPaths } from '../daemon/config.js';
 import { Collection } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
 import type { OperationContext, OperationManager } from './operations.js';
@@ -26,6 +25,12 @@ export interface ImageBuilder {
   adopt?(destDir: string): Promise<(Omit<ImageRecord, 'name' | 'type' | 'source' | 'createdAt'> & { createdAt?: string }) | undefined>;
 }
 
+/** Where images live on this host: `imagesDir/<name>/` per image, and a download cache for builders. */
+export interface ImageDirs {
+  imagesDir: string;
+  cacheDir: string;
+}
+
 export class ImageService {
   private readonly records: Collection<ImageRecord>;
   private readonly builders = new Map<string, ImageBuilder>();
@@ -34,7 +39,7 @@ export class ImageService {
   /** Who still depends on an image (linked clones…): set by the storage service. */
   private usageResolver: ((rec: ImageRecord) => Promise<string[]>) | undefined;
 
-  constructor(store: StateStore, private readonly paths: DataPaths, private readonly operations: OperationManager) {
+  constructor(store: StateStore, private readonly dirs: ImageDirs, private readonly operations: OperationManager) {
     this.records = new Collection<ImageRecord>(store, '/images/', imageRecordSchema);
   }
 
@@ -53,7 +58,7 @@ export class ImageService {
 
   /** The directory an image's files live in. */
   dir(name: string): string {
-    return this.paths.image(name);
+    return join(this.dirs.imagesDir, name);
   }
 
   async list(): Promise<ImageRecord[]> {
@@ -113,8 +118,8 @@ export class ImageService {
   private startBuild(name: string, b: ImageBuilder): Promise<Operation> {
     return this.operations.start('image.build', { kind: 'image', name }, async (ctx: OperationContext) => {
       try {
-        await mkdir(this.paths.imagesDir, { recursive: true });
-        const made = await b.build({ destDir: this.dir(name), cacheDir: this.paths.cacheDir, progress: (p, m) => ctx.progress(p, m), signal: ctx.signal });
+        await mkdir(this.dirs.imagesDir, { recursive: true });
+        const made = await b.build({ destDir: this.dir(name), cacheDir: this.dirs.cacheDir, progress: (p, m) => ctx.progress(p, m), signal: ctx.signal });
         const rec: ImageRecord = { ...made, name, type: b.type, source: 'builtin', createdAt: made.createdAt ?? new Date().toISOString() };
         await this.records.delete(name);
         await this.records.create(name, imageRecordSchema.parse(rec));

@@ -1,6 +1,9 @@
-// Structured logs: one JSON object a line (`log.info('vm started', { id })`).
+// Structured logs: one JSON object a line (`log.info('vm started', { id })`), written by pino
+// (which Fastify carries anyway). The interface keeps the message first and the fields second, as
+// every call site has it; pino's own order (fields, message) stays behind this file.
+import { pino, type DestinationStream, type Logger as PinoLogger } from 'pino';
+
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
-const ORDER: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
 
 export interface Logger {
   debug(msg: string, fields?: Record<string, unknown>): void;
@@ -8,23 +11,50 @@ export interface Logger {
   warn(msg: string, fields?: Record<string, unknown>): void;
   error(msg: string, fields?: Record<string, unknown>): void;
   child(fields: Record<string, unknown>): Logger;
+  /** The pino logger underneath, for libraries that take one (Fastify); none when silent. */
+  readonly pino?: PinoLogger;
 }
 
-export function createLogger(opts: { level?: LogLevel; write?: (line: string) => void; base?: Record<string, unknown> } = {}): Logger {
-  const min = ORDER[opts.level ?? 'info'];
-  const write = opts.write ?? (process.stderr.isTTY ? (line: string) => process.stderr.write(pretty(line) + '\n') : (line: string) => process.stderr.write(line + '\n'));
-  const base = opts.base ?? {};
-  const emit = (level: LogLevel, msg: string, fields?: Record<string, unknown>): void => {
-    if (ORDER[level] < min) return;
-    write(JSON.stringify({ t: new Date().toISOString(), level, msg, ...base, ...fields }));
-  };
-  return {
-    debug: (m, f) => emit('debug', m, f),
-    info: (m, f) => emit('info', m, f),
-    warn: (m, f) => emit('warn', m, f),
-    error: (m, f) => emit('error', m, f),
-    child: (fields) => createLogger({ level: opts.level, write, base: { ...base, ...fields } }),
-  };
+export interface LoggerOptions {
+  level?: LogLevel;
+  /** Where each line goes (without its newline). Default: stderr, made readable on a terminal. */
+  write?: (line: string) => void;
+  /** Fields on every line. */
+  base?: Record<string, unknown>;
+}
+
+export function createLogger(opts: LoggerOptions = {}): Logger {
+  return wrap(
+    pino(
+      {
+        level: opts.level ?? 'info',
+        // No pid/hostname on every line (as before pino): the daemon is one process per host.
+        base: opts.base ?? null,
+        timestamp: () => `,"t":"${new Date().toISOString()}"`,
+        formatters: { level: (label) => ({ level: label }) },
+        messageKey: 'msg',
+      },
+      destination(opts.write),
+    ),
+  );
+}
+
+function wrap(p: PinoLogger): Logger {
+  const at =
+    (level: LogLevel) =>
+    (msg: string, fields?: Record<string, unknown>): void => {
+      if (fields) p[level](fields, msg);
+      else p[level](msg);
+    };
+  return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error'), child: (fields) => wrap(p.child(fields)), pino: p };
+}
+
+function destination(write: ((line: string) => void) | undefined): DestinationStream {
+  const lines = (fn: (line: string) => void): DestinationStream => ({ write: (chunk: string) => fn(chunk.replace(/\n$/, '')) });
+  if (write) return lines(write);
+  if (process.stderr.isTTY) return lines((line) => process.stderr.write(pretty(line) + '\n'));
+  // Synchronous: the last lines before a process.exit() (a failed start) must not be lost.
+  return pino.destination({ fd: 2, sync: true });
 }
 
 export const silentLogger: Logger = {
@@ -36,7 +66,7 @@ export const silentLogger: Logger = {
 };
 
 /** On a terminal: "14:59:01 info  instance started name=web1 pid=123" instead of JSON. */
-function pretty(line: string): string {
+export function pretty(line: string): string {
   const { t, level, msg, ...rest } = JSON.parse(line) as { t: string; level: string; msg: string } & Record<string, unknown>;
   const fields = Object.entries(rest)
     .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)

@@ -97,6 +97,8 @@ describe('live memory and vCPU changes on a real VM (TCG)', () => {
       if (m && Number(m[1]) < 320) break;
       await new Promise((r) => setTimeout(r, 1000));
     }
+    const reported = /guest reports total (\d+)MiB/.exec(info);
+    assert.ok(reported && Number(reported[1]) < 320, `a statistics report from after the balloon moved (total under 320 MiB):\n${info}`);
     assert.match(info, /Balloon:\s+actual 320MiB; guest reports total \d+MiB, free \d+(\.\d)?MiB, available \d+(\.\d)?MiB/);
     assert.match(info, /DIMM dimm0: 256MiB in slot 0, hot-plugged/);
     assert.match(info, /vCPUs:\s+2 present of 2 \(hot-plugged: cpu-s1-c0-t0\)/);

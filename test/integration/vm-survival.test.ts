@@ -74,8 +74,16 @@ describe('survival: daemon SIGKILL and QEMU death', () => {
     const upd = await t.d.api.request<{ applied: string[] }>('PATCH', '/api/v1/instances/s1', { restartPolicy: 'on-failure' });
     assert.deepEqual(upd.applied, ['restartPolicy']);
     const before = await getInstance(t.d.api, 's1');
-    process.kill(before.runtime!.pid, 'SIGKILL');
-    await waitForState(t.d.api, 's1', 'crashed', 20_000).catch(() => undefined);
+    // The crashed state lasts only until the policy restarts the VM, too short to poll for: the
+    // event stream tells it instead, and it must be told.
+    const events: HfEvent[] = [];
+    const stream = await openEventStream(t.d, events);
+    try {
+      process.kill(before.runtime!.pid, 'SIGKILL');
+      await waitUntil(() => events.some((e) => e.type === 'instance.crashed' && e.data.name === 's1'), 20_000);
+    } finally {
+      stream.close();
+    }
     const deadline = Date.now() + 60_000;
     let now = await getInstance(t.d.api, 's1');
     while (Date.now() < deadline && !(now.state === 'running' && now.runtime && now.runtime.pid !== before.runtime!.pid)) {

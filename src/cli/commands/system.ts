@@ -1,8 +1,8 @@
 // Host, operation, image and daemon verbs.
 import { isFinished, type Operation } from '../../core/model/operation.js';
 import { formatMiB } from '../../core/units.js';
-import type { HostInfo } from '../../services/host.js';
-import type { ImageRecord } from '../../services/images.js';
+import type { HostInfo } from '../../core/model/host.js';
+import type { ImageRecord } from '../../core/model/image.js';
 import type { CliContext } from '../context.js';
 import { table } from '../format.js';
 

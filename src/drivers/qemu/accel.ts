@@ -17,15 +17,12 @@ import { access, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from
 import os from 'node:os';
 import path from 'node:path';
 import { HfError } from '../../core/errors.js';
+import type { AccelVerdict } from '../../core/model/host.js';
 
 export type AccelName = 'kvm' | 'tcg';
 export type RequestedAccel = 'auto' | 'kvm' | 'tcg';
 
-export interface AccelVerdict {
-  kvm: { usable: boolean; reason: string; probedAt: string; durationMs: number };
-  tcg: { usable: boolean; reason: string };
-  qemuVersion?: string;
-}
+export type { AccelVerdict };
 
 export interface ProbeOptions {
   qemuBinary: string;

@@ -74,6 +74,8 @@ export interface QmpConnectOptions {
    * rejects with HF_ERR_QMP_DISCONNECTED, cause = signal.reason.
    */
   signal?: AbortSignal;
+  /** Told of each failed attempt that will be retried (for logs, and for tests to step in). */
+  onRetry?: (attempt: { attempts: number; errno: string }) => void;
 }
 
 export interface QmpWaitOptions {
@@ -212,6 +214,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         const errno = errnoOf(e);
         const remaining = deadline - Date.now();
         if (errno !== undefined && RETRYABLE_CONNECT_ERRORS.has(errno) && remaining > 0) {
+          opts.onRetry?.({ attempts, errno });
           await new Promise<void>((resolve) => {
             const done = (): void => {
               clearTimeout(timer);
