@@ -12,7 +12,7 @@ import { IMPORT_FORMATS, type ImportFormat } from './model.js';
 import { parseOvf, type OvfDescriptor } from './ovf.js';
 import type { QemuImg } from './qemu-img.js';
 import { sniffFile, type SniffedFormat } from './sniff.js';
-import { listTarFile, readTarEntry, TarError, type TarEntry } from './tar.js';
+import { listTarFile, readTarEntry, TarError, type TarEntry } from '../util/tar.js';
 
 /** Formats a user may name (`vhd` is QEMU's `vpc`). */
 export { IMPORT_FORMATS, type ImportFormat } from './model.js';

@@ -2,7 +2,7 @@
 // not recognise "raw" (a text file becomes a 512-byte raw disk), and it does not probe fixed VHDs
 // (their footer is at the end) or look into tar archives (OVA): so we look first.
 import { open } from 'node:fs/promises';
-import { isTarHeader } from './tar.js';
+import { isTarHeader } from '../util/tar.js';
 
 export type SniffedFormat =
   | 'qcow2'

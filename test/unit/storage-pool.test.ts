@@ -7,7 +7,7 @@ import { checkGrow, checkRoom, summarizePool } from '../../src/storage/accountin
 import { decideFormat, sliceSpec } from '../../src/storage/import.js';
 import { parseVolumeRef } from '../../src/storage/model.js';
 import { sniffFormat } from '../../src/storage/sniff.js';
-import { readTarEntries } from '../../src/storage/tar.js';
+import { readTarEntries } from '../../src/util/tar.js';
 
 const MiB = 1024 * 1024;
 

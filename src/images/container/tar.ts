@@ -10,10 +10,10 @@ import { open } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import { HfError } from '../../core/errors.js';
-import { readTarEntries, TarError, type TarEntry } from '../../storage/tar.js';
+import { readTarEntries, TarError, type TarEntry } from '../../util/tar.js';
 import { run } from '../../util/exec.js';
 
-export type { TarEntry, TarEntryType } from '../../storage/tar.js';
+export type { TarEntry, TarEntryType } from '../../util/tar.js';
 
 /** Normalizes a member name ("./a//b/" → "a/b"); returns undefined for the archive root. */
 export function normalizeMember(name: string): string | undefined {
