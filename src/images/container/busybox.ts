@@ -2,10 +2,11 @@
 // link, busybox init as PID 1 with a shell on the console. Tiny (about 2 MB) and built in well
 // under a second, so it is built on first use.
 import { createHash } from 'node:crypto';
-import { chmod, copyFile, mkdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { HfError } from '../../core/errors.js';
 import { run } from '../../util/exec.js';
+import { buildIntoPlace, readManifest } from './staging.js';
 
 export const BUSYBOX_CANDIDATES = ['/bin/busybox', '/usr/bin/busybox'];
 
@@ -71,10 +72,8 @@ export PS1='\\h:\\w\\$ '
 /** Builds the rootfs into `destDir/rootfs` (atomically: a temporary tree renamed into place). */
 export async function buildBusyboxImage(destDir: string, progress?: (p: number, m: string) => void): Promise<BusyboxManifest> {
   const bb = await findStaticBusybox();
-  const tmp = `${destDir}.tmp-${process.pid}-${Date.now()}`;
-  const root = join(tmp, 'rootfs');
-  await rm(tmp, { recursive: true, force: true });
-  try {
+  return buildIntoPlace(destDir, async (tmp) => {
+    const root = join(tmp, 'rootfs');
     progress?.(10, `copying ${bb}`);
     for (const d of ['bin', 'sbin', 'usr/bin', 'usr/sbin', 'etc/init.d', 'etc/local.d', 'dev', 'proc', 'sys', 'run', 'tmp', 'var/log', 'var/run', 'root', 'home', 'mnt']) {
       await mkdir(join(root, d), { recursive: true, mode: 0o755 });
@@ -117,23 +116,10 @@ export async function buildBusyboxImage(destDir: string, progress?: (p: number, 
       sha256: createHash('sha256').update(bin).digest('hex'),
     };
     await writeFile(join(tmp, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
-    progress?.(90, 'installing the image');
-    await rm(destDir, { recursive: true, force: true });
-    await mkdir(dirname(destDir), { recursive: true });
-    await rename(tmp, destDir);
-    progress?.(100, 'done');
     return manifest;
-  } catch (e) {
-    await rm(tmp, { recursive: true, force: true });
-    throw e;
-  }
+  }, progress);
 }
 
-export async function readBusyboxManifest(destDir: string): Promise<BusyboxManifest | undefined> {
-  try {
-    const m = JSON.parse(await readFile(join(destDir, 'manifest.json'), 'utf8')) as BusyboxManifest;
-    return m.version === 1 ? m : undefined;
-  } catch {
-    return undefined;
-  }
+export function readBusyboxManifest(destDir: string): Promise<BusyboxManifest | undefined> {
+  return readManifest<BusyboxManifest>(destDir);
 }

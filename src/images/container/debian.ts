@@ -4,9 +4,10 @@
 // no gettys, a console shell, SIGPWR as the request to shut down.
 import { chmod, mkdir, readFile, readdir, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { spawn } from 'node:child_process';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { HfError } from '../../core/errors.js';
 import { killGroup, run, which } from '../../util/exec.js';
+import { buildIntoPlace, readManifest } from './staging.js';
 
 export const DEBIAN_SUITE = 'bookworm';
 export const DEBIAN_PACKAGES = ['sysvinit-core', 'procps'];
@@ -153,10 +154,7 @@ export function debootstrapProgress(line: string): { percent: number; message: s
 export async function buildDebianImage(destDir: string, cacheDir: string, progress: (p: number, m: string) => void, signal?: AbortSignal): Promise<DebianManifest> {
   signal?.throwIfAborted();
   const cached = await debootstrapCached(cacheDir, progress, signal);
-  const tmp = `${destDir}.tmp-${process.pid}-${Date.now()}`;
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
-  try {
+  return buildIntoPlace(destDir, async (tmp) => {
     progress(62, 'copying the debootstrap tree');
     await run('cp', ['-a', '--reflink=auto', cached, join(tmp, 'rootfs')], { timeoutMs: 10 * 60_000, signal });
     const root = join(tmp, 'rootfs');
@@ -183,22 +181,10 @@ export async function buildDebianImage(destDir: string, cacheDir: string, progre
       files,
     };
     await writeFile(join(tmp, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
-    await rm(destDir, { recursive: true, force: true });
-    await mkdir(dirname(destDir), { recursive: true });
-    await rename(tmp, destDir);
-    progress(100, 'done');
     return manifest;
-  } catch (e) {
-    await rm(tmp, { recursive: true, force: true });
-    throw e;
-  }
+  }, progress);
 }
 
-export async function readDebianManifest(destDir: string): Promise<DebianManifest | undefined> {
-  try {
-    const m = JSON.parse(await readFile(join(destDir, 'manifest.json'), 'utf8')) as DebianManifest;
-    return m.version === 1 ? m : undefined;
-  } catch {
-    return undefined;
-  }
+export function readDebianManifest(destDir: string): Promise<DebianManifest | undefined> {
+  return readManifest<DebianManifest>(destDir);
 }
