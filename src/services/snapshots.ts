@@ -141,7 +141,7 @@ export class SnapshotService {
     const inst = await this.d.instances.get(instance);
     const action = req.memory ? 'snapshot-memory' : 'snapshot';
     // Fail fast, before an operation exists; checked again under the lock.
-    this.d.instances.allowed(inst, action);
+    this.d.instances.precheck(inst, action);
     const provider = this.provider(inst);
     if (await this.records(instance).get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance ${instance} already has a snapshot "${req.name}"`);
     provider.plan(inst, req, await this.current(instance));
@@ -169,7 +169,7 @@ export class SnapshotService {
   async revert(instance: string, name: string): Promise<Operation> {
     const rec = await this.get(instance, name);
     const inst = await this.d.instances.get(instance);
-    this.d.instances.allowed(inst, 'revert');
+    this.d.instances.precheck(inst, 'revert');
     const provider = this.provider(inst);
     return this.d.operations.start('snapshot.revert', { kind: 'instance', name: instance }, async (ctx) => {
       const cur = await this.d.instances.get(instance);
@@ -183,7 +183,7 @@ export class SnapshotService {
   async delete(instance: string, name: string): Promise<Operation> {
     await this.get(instance, name);
     const inst = await this.d.instances.get(instance);
-    this.d.instances.allowed(inst, 'delete-snapshot');
+    this.d.instances.precheck(inst, 'delete-snapshot');
     const provider = this.provider(inst);
     return this.d.operations.start('snapshot.delete', { kind: 'instance', name: instance }, (ctx) =>
       this.d.instances.withInstance(instance, 'snapshot delete', async (cur, handle) => {

@@ -126,6 +126,20 @@ describe('services gated by the lifecycle table (fake driver)', () => {
     assert.deepEqual((await snapshots.list('v1')).snapshots, []);
   });
 
+  it('on a busy instance the check waits for its turn: the state the holder leaves decides', async () => {
+    let release!: () => void;
+    const held = w.svc.withInstance('v1', 'hold', () => new Promise<void>((r) => (release = r)));
+    // Stopped now, so a memory snapshot would be refused at once; busy, it queues instead.
+    const op = await snapshots.create('v1', { name: 'm', memory: true });
+    await waitFor(async () => (await w.ops.get(op.id)).status === 'queued');
+    release();
+    await held;
+    const done = await w.ops.wait(op.id, 3000);
+    assert.equal(done.status, 'failure');
+    assert.equal(done.error?.code, 'HF_ERR_INSTANCE_NOT_RUNNING');
+    assert.deepEqual(provider.calls, []);
+  });
+
   it('awaitOperation: a cancelled operation is not a success', async () => {
     let release!: () => void;
     const held = w.svc.withInstance('v1', 'hold', () => new Promise<void>((r) => (release = r)));

@@ -148,7 +148,7 @@ export class NicService {
     const req = parseInput(nicRequestSchema, body);
     const cur = await c.instances.get(instance);
     await c.load(req.network);
-    c.instances.allowed(cur, 'attach-nic');
+    c.instances.precheck(cur, 'attach-nic');
     return c.d.operations.start('instance.nic-add', { kind: 'instance', name: instance }, (ctx) =>
       c.instances.withInstance(instance, 'nic add', (inst, handle) =>
         UndoStack.run(async (undo) => {
@@ -206,7 +206,7 @@ export class NicService {
     const c = this.c;
     const cur = await c.instances.get(instance);
     if (!cur.config.nics.some((n) => n.name === nicName)) throw new HfError('HF_ERR_NOT_FOUND', `instance ${instance} has no NIC named ${nicName}`);
-    c.instances.allowed(cur, 'detach-nic');
+    c.instances.precheck(cur, 'detach-nic');
     return c.d.operations.start('instance.nic-remove', { kind: 'instance', name: instance }, (ctx) =>
       c.instances.withInstance(instance, 'nic remove', async (inst, handle) => {
         const live = c.instances.allowed(inst, 'detach-nic').live ? liveHandle(inst, handle, 'detachNic') : undefined;

@@ -48,7 +48,7 @@ export class CopyService {
     if ((await this.d.instances.list()).some((i) => i.name === req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
     const driver = inst.type === 'vm' ? undefined : this.driverCopy(inst);
     if (driver && req.linked) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type}s have no linked copies: a ${inst.type} copy is a full copy of its root filesystem`);
-    this.d.instances.allowed(inst, 'copy');
+    this.d.instances.precheck(inst, 'copy');
     return this.d.operations.start('instance.copy', { kind: 'instance', name: req.name }, (ctx) =>
       this.d.instances.withInstance(
         src,

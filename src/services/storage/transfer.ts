@@ -221,7 +221,7 @@ export class ImageTransferService {
   async exportInstance(name: string, body: unknown): Promise<Operation> {
     const req = parseInput(exportSchema, body);
     const inst = await this.d.instances.get(name);
-    this.d.instances.allowed(inst, 'export');
+    this.d.instances.precheck(inst, 'export');
     if (await exists(req.file)) throw new HfError('HF_ERR_ALREADY_EXISTS', `${req.file} already exists: export never overwrites`);
     const dirSt = await stat(dirname(req.file)).catch(() => undefined);
     if (!dirSt?.isDirectory()) throw new HfError('HF_ERR_VALIDATION', `${dirname(req.file)} is not a directory`);
@@ -255,7 +255,7 @@ export class ImageTransferService {
   async publish(name: string, body: unknown): Promise<Operation> {
     const req = parseInput(publishSchema, body);
     const inst = await this.d.instances.get(name);
-    this.d.instances.allowed(inst, 'publish');
+    this.d.instances.precheck(inst, 'publish');
     pickDisk(inst, undefined);
     await this.checkNewImageName(req.as);
     this.busyImages.add(req.as);
