@@ -172,17 +172,33 @@ function unsupported(inst: { name: string; type: InstanceType; state: InstanceSt
   });
 }
 
+/** What to do instead, for refusals whose reason is not obvious from the action alone. */
+const WHEN_RUNNING: Partial<Record<Action, string>> = {
+  delete: 'stop it first or delete with --force',
+  revert: 'stop it before reverting to a snapshot',
+  copy: "stop it before copying (a running guest's disks are not consistent)",
+  export: "stop it before exporting (a running guest's disk is not consistent)",
+  publish: 'stop it before publishing',
+};
+const WHEN_NOT_RUNNING: Partial<Record<Action, string>> = {
+  'snapshot-memory': "a memory snapshot saves a running instance's RAM (take a disk-only one instead)",
+  exec: 'start it before running commands in it',
+};
+
 function refusal(name: string, state: InstanceState, action: Action, why: Refusal): HfError {
   const code: ErrorCode = why === 'running' ? 'HF_ERR_INSTANCE_RUNNING' : why === 'not-running' ? 'HF_ERR_INSTANCE_NOT_RUNNING' : 'HF_ERR_INVALID_STATE';
   const details = { action, state };
   if (why === 'running') {
     const msg =
       action === 'start' ? `instance "${name}" is already ${state}`
-      : action === 'delete' ? `instance "${name}" is ${state}: stop it first or delete with --force`
-      : `cannot ${action} instance "${name}" while it is ${state}: stop it first`;
+      : action === 'delete' ? `instance "${name}" is ${state}: ${WHEN_RUNNING.delete}`
+      : `cannot ${action} instance "${name}" while it is ${state}: ${WHEN_RUNNING[action] ?? 'stop it first'}`;
     return new HfError(code, msg, { details });
   }
-  if (why === 'not-running') return new HfError(code, `instance "${name}" is ${state}, not running`, { details });
+  if (why === 'not-running') {
+    const hint = WHEN_NOT_RUNNING[action];
+    return new HfError(code, `instance "${name}" is ${state}, not running${hint ? `: ${hint}` : ''}`, { details });
+  }
   return new HfError(code, `cannot ${action} instance "${name}" while it is ${state}`, { details });
 }
 

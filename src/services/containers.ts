@@ -16,6 +16,7 @@ import type { Logger } from '../util/log.js';
 import type { EventBus } from './events.js';
 import type { ImageBuilder, ImageService } from './images.js';
 import type { InstanceService } from './instances.js';
+import { liveHandle } from './instances/live-handle.js';
 import type { OperationManager } from './operations.js';
 
 export interface ContainerServiceDeps {
@@ -123,10 +124,7 @@ export class ContainerService {
   private async startExec(name: string, command: string[], opts: ExecOptions): Promise<ExecSession> {
     const inst = await this.container(name);
     this.d.instances.allowed(inst, 'exec');
-    const handle = this.d.instances.handle(name);
-    // The record said running, but the process is gone or not supervised yet.
-    if (!handle?.exec) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `container "${name}" is not running: start it before running commands in it`);
-    return handle.exec(command, opts);
+    return liveHandle(inst, this.d.instances.handle(name), 'exec').exec(command, opts);
   }
 
   /** The record plus what only a running container knows (cgroup usage, id map). */

@@ -383,6 +383,15 @@ export class InstanceService {
     return checkAllowed(inst, action, this.capabilities(inst));
   }
 
+  /**
+   * The fail-fast check before another service starts an operation on `inst`: the table's answer
+   * when the instance is idle. When it is busy the operation queues (the busy policy of
+   * `action`) and asks `allowed` under the lock, in the state the holder leaves.
+   */
+  precheck(inst: Instance, action: Action): void {
+    if (!this.locks.busy(inst.name)) this.allowed(inst, action);
+  }
+
   /** What `inst` can do: its running handle's capabilities, or else its driver's. */
   capabilities(inst: Instance): ReadonlySet<Capability> {
     return this.supervisor.handle(inst.name)?.capabilities ?? this.driver(inst.type).capabilities;

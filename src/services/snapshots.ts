@@ -17,7 +17,6 @@
 // events are the same for every type, so `snapshot list` shows every snapshot and each one
 // emits one event.
 import { HfError, isHfError } from '../core/errors.js';
-import { isActive } from '../core/lifecycle.js';
 import { nameSchema, type DiskConfig, type Instance, type InstanceType } from '../core/model/instance.js';
 import type { Operation } from '../core/model/operation.js';
 import { parseInput } from '../core/validate.js';
@@ -41,16 +40,21 @@ import type { EventBus } from './events.js';
 import type { InstanceExtension } from './extensions.js';
 import type { InstanceService } from './instances.js';
 import type { OperationContext, OperationManager } from './operations.js';
+import { liveHandle } from './instances/live-handle.js';
 import { awaitOperation } from './storage/common.js';
 
-/** What a type of instance does for snapshots (VMs: qcow2 internal snapshots; DriverSnapshots). */
+/**
+ * What a type of instance does for snapshots (VMs: qcow2 internal snapshots; DriverSnapshots).
+ * The service has asked the lifecycle table first: a provider is called only for what the table
+ * allowed, and `live` (the running instance's handle) is given exactly when it allowed it live.
+ */
 export interface SnapshotProvider {
   /** Validates and returns the record to store (disks covered, vmstate disk…), before anything changes. */
   plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord;
-  create(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void>;
-  /** Reverts; returns what it did (for the operation result). */
-  revert(inst: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>>;
-  delete(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void>;
+  create(inst: Instance, live: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void>;
+  /** Reverts (`live`: the instance runs); returns what it did (for the operation result). */
+  revert(inst: Instance, rec: SnapshotRecord, ctx: OperationContext, live: boolean): Promise<Record<string, unknown>>;
+  delete(inst: Instance, live: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void>;
 }
 
 export interface SnapshotServiceDeps {
@@ -135,21 +139,29 @@ export class SnapshotService {
   async create(instance: string, body: unknown): Promise<Operation> {
     const req = parseInput(createSnapshotSchema, body);
     const inst = await this.d.instances.get(instance);
+    const action = req.memory ? 'snapshot-memory' : 'snapshot';
+    // Fail fast, before an operation exists; checked again under the lock.
+    this.d.instances.precheck(inst, action);
     const provider = this.provider(inst);
     if (await this.records(instance).get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance ${instance} already has a snapshot "${req.name}"`);
-    provider.plan(inst, req, await this.current(instance)); // fail fast, before an operation exists
+    provider.plan(inst, req, await this.current(instance));
     return this.d.operations.start('snapshot.create', { kind: 'instance', name: instance }, (ctx) =>
-      this.d.instances.withInstance(instance, 'snapshot', async (cur, handle) =>
-        UndoStack.run(async (undo) => {
-          if (await this.records(instance).get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance ${instance} already has a snapshot "${req.name}"`);
-          const rec = provider.plan(cur, req, await this.current(instance));
-          await provider.create(cur, handle, rec, ctx, undo);
-          await this.records(instance).create(rec.name, rec);
-          undo.add('remove snapshot record', () => this.records(instance).delete(rec.name).then(() => undefined));
-          await this.setCurrent(instance, rec.name);
-          this.d.events.publish('snapshot.created', { instance, name: rec.name, memory: rec.memory });
-          return { snapshot: rec.name, parent: rec.parent ?? null, memory: rec.memory, disks: rec.disks };
-        }, this.d.log),
+      this.d.instances.withInstance(
+        instance,
+        'snapshot',
+        async (cur, handle) =>
+          UndoStack.run(async (undo) => {
+            const live = this.d.instances.allowed(cur, action).live ? liveHandle(cur, handle) : undefined;
+            if (await this.records(instance).get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance ${instance} already has a snapshot "${req.name}"`);
+            const rec = provider.plan(cur, req, await this.current(instance));
+            await provider.create(cur, live, rec, ctx, undo);
+            await this.records(instance).create(rec.name, rec);
+            undo.add('remove snapshot record', () => this.records(instance).delete(rec.name).then(() => undefined));
+            await this.setCurrent(instance, rec.name);
+            this.d.events.publish('snapshot.created', { instance, name: rec.name, memory: rec.memory });
+            return { snapshot: rec.name, parent: rec.parent ?? null, memory: rec.memory, disks: rec.disks };
+          }, this.d.log),
+        ctx,
       ),
     );
   }
@@ -157,9 +169,11 @@ export class SnapshotService {
   async revert(instance: string, name: string): Promise<Operation> {
     const rec = await this.get(instance, name);
     const inst = await this.d.instances.get(instance);
+    this.d.instances.precheck(inst, 'revert');
     const provider = this.provider(inst);
     return this.d.operations.start('snapshot.revert', { kind: 'instance', name: instance }, async (ctx) => {
-      const result = await provider.revert(await this.d.instances.get(instance), rec, ctx);
+      const cur = await this.d.instances.get(instance);
+      const result = await provider.revert(cur, rec, ctx, this.d.instances.allowed(cur, 'revert').live);
       await this.setCurrent(instance, rec.name);
       this.d.events.publish('snapshot.reverted', { instance, name });
       return { snapshot: name, ...result };
@@ -169,12 +183,14 @@ export class SnapshotService {
   async delete(instance: string, name: string): Promise<Operation> {
     await this.get(instance, name);
     const inst = await this.d.instances.get(instance);
+    this.d.instances.precheck(inst, 'delete-snapshot');
     const provider = this.provider(inst);
     return this.d.operations.start('snapshot.delete', { kind: 'instance', name: instance }, (ctx) =>
       this.d.instances.withInstance(instance, 'snapshot delete', async (cur, handle) => {
+        const live = this.d.instances.allowed(cur, 'delete-snapshot').live ? liveHandle(cur, handle) : undefined;
         const rec = await this.get(instance, name);
         ctx.progress(10, `deleting snapshot ${name}`);
-        await provider.delete(cur, handle, rec);
+        await provider.delete(cur, live, rec);
         const all = (await this.records(instance).list()).map((v) => v.value);
         const plan = planDelete(all, name, await this.current(instance));
         for (const r of plan.reparent) await this.records(instance).update(r.name, () => r);
@@ -182,7 +198,7 @@ export class SnapshotService {
         await this.setCurrent(instance, plan.current);
         this.d.events.publish('snapshot.deleted', { instance, name });
         return { deleted: name, reparented: plan.reparent.map((r) => r.name), current: plan.current ?? null };
-      }),
+      }, ctx),
     );
   }
 }
@@ -209,10 +225,6 @@ class VmSnapshots implements SnapshotProvider {
   plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord {
     const disks = snapshotDisks(inst);
     const running = inst.state === 'running' || inst.state === 'paused';
-    if (req.memory && !running) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance ${inst.name} is ${inst.state}: a --memory snapshot saves a running VM's RAM (take a disk-only one instead)`);
-    if (!running && inst.state !== 'stopped' && inst.state !== 'crashed' && inst.state !== 'error') {
-      throw new HfError('HF_ERR_BUSY', `instance ${inst.name} is ${inst.state}: try again when it is done`);
-    }
     const rec: SnapshotRecord = {
       instance: inst.name,
       name: req.name,
@@ -227,22 +239,21 @@ class VmSnapshots implements SnapshotProvider {
     return rec;
   }
 
-  async create(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> {
+  async create(inst: Instance, live: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> {
     const disks = inst.config.disks.filter((d) => rec.disks.includes(d.name));
-    if (handle && isActive(inst.state)) {
+    if (live) {
       if (rec.memory) {
-        if (!handle.saveSnapshot) throw new HfError('HF_ERR_UNSUPPORTED', 'this driver cannot save memory snapshots');
+        const handle = liveHandle(inst, live, 'saveSnapshot');
         ctx.progress(5, 'saving RAM and device state');
         await handle.saveSnapshot(rec.name, rec.vmstateDisk!, rec.disks, (p) => ctx.progress(5 + p * 0.9, `saving state: ${Math.floor(p)}%`));
       } else {
-        if (!handle.snapshotDisks) throw new HfError('HF_ERR_UNSUPPORTED', 'this driver cannot snapshot running disks');
+        const handle = liveHandle(inst, live, 'snapshotDisks');
         ctx.progress(20, `snapshotting ${rec.disks.join(', ')} (live)`);
         await handle.snapshotDisks(rec.name, rec.disks);
       }
-      undo.add('delete internal snapshot (live)', () => handle.deleteSnapshot?.(rec.name, rec.disks));
+      undo.add('delete internal snapshot (live)', () => live.deleteSnapshot?.(rec.name, rec.disks));
       return;
     }
-    if (rec.memory) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance ${inst.name} is not running`);
     for (const [i, disk] of disks.entries()) {
       ctx.progress(10 + (i / disks.length) * 80, `snapshotting ${disk.name}`);
       // A stale internal snapshot of the same name (from a crash before the record was written) goes first.
@@ -252,30 +263,35 @@ class VmSnapshots implements SnapshotProvider {
     }
   }
 
-  async revert(inst0: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>> {
+  async revert(inst0: Instance, rec: SnapshotRecord, ctx: OperationContext, live: boolean): Promise<Record<string, unknown>> {
     const name = inst0.name;
     const missing = rec.disks.filter((n) => !inst0.config.disks.some((d) => d.name === n));
     if (missing.length) throw new HfError('HF_ERR_CONFLICT', `snapshot ${rec.name} covers disk(s) ${missing.join(', ')} that ${name} no longer has: re-attach them to revert`);
 
     if (rec.memory) {
       let started = false;
-      if (!isActive(inst0.state)) {
+      if (!live) {
         ctx.progress(5, `starting ${name} to load its saved state`);
         await awaitOperation(this.d.operations, this.d.instances.action(name, 'start'));
         started = true;
       }
-      await this.d.instances.withInstance(name, 'snapshot revert', async (inst, handle) => {
-        if (!handle || !isActive(inst.state)) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance ${name} stopped during the revert`);
-        if (!handle.loadSnapshot) throw new HfError('HF_ERR_UNSUPPORTED', 'this driver cannot load memory snapshots');
-        ctx.progress(20, 'loading RAM, device state and disks');
-        await handle.loadSnapshot(rec.name, rec.vmstateDisk ?? rec.disks[0]!, rec.disks, (p) => ctx.progress(20 + p * 0.75, `loading state: ${Math.floor(p)}%`));
-      });
+      await this.d.instances.withInstance(
+        name,
+        'snapshot revert',
+        async (inst, h) => {
+          if (!this.d.instances.allowed(inst, 'revert').live) throw new HfError('HF_ERR_INSTANCE_NOT_RUNNING', `instance ${name} stopped during the revert`);
+          const handle = liveHandle(inst, h, 'loadSnapshot');
+          ctx.progress(20, 'loading RAM, device state and disks');
+          await handle.loadSnapshot(rec.name, rec.vmstateDisk ?? rec.disks[0]!, rec.disks, (p) => ctx.progress(20 + p * 0.75, `loading state: ${Math.floor(p)}%`));
+        },
+        ctx,
+      );
       return { memory: true, started };
     }
 
     // Disk-only: the disks are reverted offline; a running VM is restarted around it.
     let restarted = false;
-    if (isActive(inst0.state)) {
+    if (live) {
       ctx.progress(5, `stopping ${name} (a disk-only revert discards its memory)`);
       await awaitOperation(this.d.operations, this.d.instances.action(name, 'stop', { force: true }));
       restarted = true;
@@ -296,7 +312,7 @@ class VmSnapshots implements SnapshotProvider {
 
   private async revertDisksOffline(name: string, rec: SnapshotRecord, ctx: OperationContext): Promise<void> {
     await this.d.instances.withInstance(name, 'snapshot revert', async (inst) => {
-      if (isActive(inst.state)) throw new HfError('HF_ERR_BUSY', `instance ${name} was started during the revert: try again`);
+      if (this.d.instances.allowed(inst, 'revert').live) throw new HfError('HF_ERR_BUSY', `instance ${name} was started during the revert: try again`);
       const disks = inst.config.disks.filter((d) => rec.disks.includes(d.name));
       for (const [i, disk] of disks.entries()) {
         ctx.progress(20 + (i / disks.length) * 50, `reverting ${disk.name}`);
@@ -309,14 +325,13 @@ class VmSnapshots implements SnapshotProvider {
           throw e;
         }
       }
-    });
+    }, ctx);
   }
 
-  async delete(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void> {
+  async delete(inst: Instance, live: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void> {
     const disks = inst.config.disks.filter((d) => rec.disks.includes(d.name));
-    if (handle && isActive(inst.state)) {
-      if (!handle.deleteSnapshot) throw new HfError('HF_ERR_UNSUPPORTED', 'this driver cannot delete snapshots of a running VM');
-      await handle.deleteSnapshot(rec.name, disks.map((d) => d.name));
+    if (live) {
+      await liveHandle(inst, live, 'deleteSnapshot').deleteSnapshot(rec.name, disks.map((d) => d.name));
       return;
     }
     for (const disk of disks) {
@@ -340,7 +355,6 @@ class DriverSnapshots implements SnapshotProvider {
   constructor(private readonly driver: InstanceDriver, private readonly d: SnapshotServiceDeps) {}
 
   plan(inst: Instance, req: CreateSnapshotRequest, parent: string | undefined): SnapshotRecord {
-    if (req.memory) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type}s have no memory snapshots: their snapshots copy the root filesystem (a running one is frozen meanwhile)`);
     const running = inst.state === 'running' || inst.state === 'paused';
     const rec: SnapshotRecord = {
       instance: inst.name,
@@ -355,33 +369,40 @@ class DriverSnapshots implements SnapshotProvider {
     return rec;
   }
 
-  async create(inst: Instance, handle: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> {
+  async create(inst: Instance, live: InstanceHandle | undefined, rec: SnapshotRecord, ctx: OperationContext, undo: UndoStack): Promise<void> {
     const paths = this.d.instances.paths(inst.name);
-    const freeze = handle !== undefined && inst.state === 'running';
+    // A paused instance is frozen already.
+    const freeze = live !== undefined && inst.state === 'running';
     if (freeze) {
       ctx.progress(5, `freezing ${inst.name}`);
-      await handle.pause();
+      await live.pause();
     }
     try {
       ctx.progress(10, 'copying the root filesystem');
-      await this.driver.createRootfsSnapshot!(inst, paths, rec.name, { stateful: handle !== undefined && isActive(inst.state) });
+      await this.driver.createRootfsSnapshot!(inst, paths, rec.name, { stateful: live !== undefined });
       undo.add('delete the snapshot files', () => this.driver.deleteRootfsSnapshot?.(inst, paths, rec.name));
     } finally {
-      if (freeze) await handle.resume();
+      if (freeze) await live.resume();
     }
   }
 
+  /** The table refuses a revert of a running instance whose driver has no "revert-live" (containers). */
   async revert(inst0: Instance, rec: SnapshotRecord, ctx: OperationContext): Promise<Record<string, unknown>> {
     const name = inst0.name;
-    if (!this.driver.revertRootfsSnapshot) throw new HfError('HF_ERR_UNSUPPORTED', `${inst0.type}s cannot revert snapshots on this host`);
-    if (isActive(inst0.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `${inst0.type} ${name} is ${inst0.state}: stop it before reverting to a snapshot`);
-    return this.d.instances.withInstance(name, 'snapshot revert', async (cur) => {
-      if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `${cur.type} ${name} is ${cur.state}: stop it before reverting to a snapshot`);
-      ctx.progress(10, 'copying the snapshot back');
-      const config = await this.driver.revertRootfsSnapshot!(cur, this.d.instances.paths(name), rec.name);
-      await this.d.instances.patch(name, (r) => ({ ...r, config: { ...config, nics: r.config.nics, disks: r.config.disks }, pending: {} }));
-      return { restarted: false };
-    });
+    const revertFiles = this.driver.revertRootfsSnapshot;
+    if (!revertFiles) throw new HfError('HF_ERR_UNSUPPORTED', `${inst0.type}s cannot revert snapshots on this host`);
+    return this.d.instances.withInstance(
+      name,
+      'snapshot revert',
+      async (cur) => {
+        this.d.instances.allowed(cur, 'revert');
+        ctx.progress(10, 'copying the snapshot back');
+        const config = await revertFiles.call(this.driver, cur, this.d.instances.paths(name), rec.name);
+        await this.d.instances.patch(name, (r) => ({ ...r, config: { ...config, nics: r.config.nics, disks: r.config.disks }, pending: {} }));
+        return { restarted: false };
+      },
+      ctx,
+    );
   }
 
   async delete(inst: Instance, _handle: InstanceHandle | undefined, rec: SnapshotRecord): Promise<void> {

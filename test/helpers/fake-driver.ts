@@ -14,6 +14,8 @@ export class FakeHandle implements InstanceHandle {
   detached = false;
   /** Set by a test to make the handle take changes live (absent: everything waits for the next start). */
   applyLive?: (changes: Partial<InstanceConfig>, current: InstanceConfig) => Promise<LiveChangeResult>;
+  /** Set by a test to narrow what this running instance can do (absent: the driver's set). */
+  capabilities?: ReadonlySet<Capability>;
   private resolveExit!: (e: ExitInfo) => void;
   constructor(readonly runtime: Instance['runtime'] & object, private readonly powerOffOnShutdown: boolean) {
     this.exited = new Promise((r) => (this.resolveExit = r));

@@ -25,6 +25,7 @@ import type { NicPlug } from '../../src/drivers/driver.js';
 import type { NicConfig } from '../../src/core/model/instance.js';
 import type { StateStore } from '../../src/state/store.js';
 import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
+import { QEMU_CAPABILITIES } from '../../src/drivers/qemu/capabilities.js';
 import { daemonLockFile, tryLock } from '../../src/util/flock.js';
 import { existsSync } from 'node:fs';
 import { buildWorld } from '../helpers/world.js';
@@ -427,8 +428,14 @@ describe('network service (fake host)', () => {
     const again = await finish(w, await call(w, 'POST', '/api/v1/instances/n1/nics', { network: 'lab', ip: '10.253.0.9' }));
     assert.equal(again.status, 'success');
     await finish(w, await call(w, 'POST', '/api/v1/instances/n1/start', {}));
+    // This running instance cannot hot-plug: its handle narrows the driver's capabilities.
+    const handle = w.svc.handle('n1') as FakeHandle;
+    handle.capabilities = new Set([...QEMU_CAPABILITIES].filter((c) => c !== 'hotplug-nic'));
     const live = await call(w, 'POST', '/api/v1/instances/n1/nics', { network: 'lab' });
     assert.equal(errCode(live), 'HF_ERR_UNSUPPORTED');
+    assert.match((live.json.error as { message: string }).message, /hotplug-nic/);
+    assert.equal(errCode(await call(w, 'DELETE', '/api/v1/instances/n1/nics/eth0')), 'HF_ERR_UNSUPPORTED');
+    assert.equal((await w.svc.get('n1')).config.nics.length, 1, 'nothing changed');
   });
 
   it('firewall rules and policy, port forwards, all in the ruleset', async () => {

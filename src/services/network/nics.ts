@@ -14,6 +14,7 @@ import { parseCidr } from '../../network/cidr.js';
 import { nicRequestSchema, type Network } from '../../network/model.js';
 import { UndoStack } from '../../util/undo.js';
 import type { InstanceExtension } from '../extensions.js';
+import { liveHandle } from '../instances/live-handle.js';
 import { bringUp } from './bridges.js';
 import { LOCK, type NetContext } from './context.js';
 import { dropLeasesOf, releaseAllOf, releaseNic, reserveNic } from './reservations.js';
@@ -147,34 +148,34 @@ export class NicService {
     const req = parseInput(nicRequestSchema, body);
     const cur = await c.instances.get(instance);
     await c.load(req.network);
-    const h = c.instances.handle(instance);
-    if (h && !h.attachNic) throw new HfError('HF_ERR_UNSUPPORTED', `the ${cur.type} driver cannot hot-plug NICs: stop ${instance} first`);
+    c.instances.precheck(cur, 'attach-nic');
     return c.d.operations.start('instance.nic-add', { kind: 'instance', name: instance }, (ctx) =>
       c.instances.withInstance(instance, 'nic add', (inst, handle) =>
         UndoStack.run(async (undo) => {
+          const live = c.instances.allowed(inst, 'attach-nic').live ? liveHandle(inst, handle, 'attachNic') : undefined;
+          const running = live !== undefined;
           const nic = await c.lock.run(LOCK, 'reserve NIC', () => reserveNic(c, inst, inst.config.nics, req, undo));
           await c.instances.patch(instance, (r) => ({ ...r, config: { ...r.config, nics: [...r.config.nics, nic] } }));
           undo.add('remove NIC from the record', async () => {
             await c.instances.patch(instance, (r) => ({ ...r, config: { ...r.config, nics: r.config.nics.filter((n) => n.name !== nic.name) } }));
             await c.apply();
           });
-          const running = handle !== undefined && isActive(inst.state);
           const net = await c.lock.run(LOCK, 'apply rules', async () => {
             const n = await c.load(nic.network);
             if (running) await bringUp(c, n);
             await c.applyLocked();
             return n;
           });
-          if (running) {
-            if (!handle.attachNic) throw new HfError('HF_ERR_UNSUPPORTED', `the driver of ${instance} cannot hot-plug NICs`);
+          if (live) {
             ctx.progress(30, `plugging ${nic.name} into ${instance}`);
-            if (inst.type === 'container') await this.nameNetns(inst, handle.runtime.pid, undo);
+            if (inst.type === 'container') await this.nameNetns(inst, live.runtime.pid, undo);
             const plug = await this.plugHostSide(inst, nic, net, undo);
-            await handle.attachNic(nic, plug);
+            await live.attachNic(nic, plug);
           }
           ctx.progress(100, running ? 'NIC plugged in' : 'NIC added (created at the next start)');
           return { nic, live: running };
         }, c.d.log),
+        ctx,
       ),
     );
   }
@@ -205,17 +206,16 @@ export class NicService {
     const c = this.c;
     const cur = await c.instances.get(instance);
     if (!cur.config.nics.some((n) => n.name === nicName)) throw new HfError('HF_ERR_NOT_FOUND', `instance ${instance} has no NIC named ${nicName}`);
-    const h = c.instances.handle(instance);
-    if (h && !h.detachNic) throw new HfError('HF_ERR_UNSUPPORTED', `the ${cur.type} driver cannot hot-unplug NICs: stop ${instance} first`);
+    c.instances.precheck(cur, 'detach-nic');
     return c.d.operations.start('instance.nic-remove', { kind: 'instance', name: instance }, (ctx) =>
       c.instances.withInstance(instance, 'nic remove', async (inst, handle) => {
+        const live = c.instances.allowed(inst, 'detach-nic').live ? liveHandle(inst, handle, 'detachNic') : undefined;
+        const running = live !== undefined;
         const nic = inst.config.nics.find((n) => n.name === nicName);
         if (!nic) throw new HfError('HF_ERR_NOT_FOUND', `instance ${instance} has no NIC named ${nicName}`);
-        const running = handle !== undefined && isActive(inst.state);
-        if (running) {
-          if (!handle.detachNic) throw new HfError('HF_ERR_UNSUPPORTED', `the driver of ${instance} cannot hot-unplug NICs`);
+        if (live) {
           ctx.progress(20, `unplugging ${nic.name} (the guest must let go)`);
-          await handle.detachNic(nic.name);
+          await live.detachNic(nic.name);
         }
         const iface = c.hostIfaceOf(inst, nic);
         await c.d.host.deleteLink(iface);
@@ -223,6 +223,7 @@ export class NicService {
         await c.instances.patch(instance, (r) => {
           const nics = r.config.nics.filter((n) => n.name !== nicName);
           const config = { ...r.config, nics };
+          // A stopped instance's last NIC takes its namespace along; a running one keeps it.
           if (nics.length === 0 && !isActive(r.state)) delete config.netns;
           return { ...r, config };
         });
@@ -233,7 +234,7 @@ export class NicService {
         });
         ctx.progress(100, 'NIC removed');
         return { nic: nic.name, live: running };
-      }),
+      }, ctx),
     );
   }
 }

@@ -8,13 +8,17 @@ import type { DiskConfig, Instance } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
 import type { OperationManager } from '../operations.js';
 
-/** Waits for an operation started by another service; its failure becomes ours (with its code). */
+/**
+ * Waits for an operation started by another service. Only `success` is success: its failure, or
+ * its cancellation (a user cancelled the stop a revert waits for…), becomes ours with its code.
+ */
 export async function awaitOperation(operations: OperationManager, started: Promise<Operation>): Promise<Operation> {
   const op = await started;
   const done = await operations.wait(op.id, Infinity);
-  if (done.status === 'failure') {
-    const code = (done.error?.code && done.error.code in ERROR_CODES ? done.error.code : 'HF_ERR_INTERNAL') as ErrorCode;
-    throw new HfError(code, done.error?.message ?? `${done.type} failed`);
+  if (done.status !== 'success') {
+    const fallback: ErrorCode = done.status === 'cancelled' ? 'HF_ERR_CANCELLED' : 'HF_ERR_INTERNAL';
+    const code = (done.error?.code && done.error.code in ERROR_CODES ? done.error.code : fallback) as ErrorCode;
+    throw new HfError(code, done.error?.message ?? `${done.type} ${done.status === 'cancelled' ? 'was cancelled' : 'failed'}`);
   }
   return done;
 }

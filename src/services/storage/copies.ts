@@ -9,7 +9,6 @@
 import { basename, dirname, join, resolve } from 'node:path';
 import { stat, statfs, rm } from 'node:fs/promises';
 import { HfError } from '../../core/errors.js';
-import { isActive } from '../../core/lifecycle.js';
 import type { DiskConfig, Instance, InstanceType } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
 import { parseInput } from '../../core/validate.js';
@@ -21,6 +20,7 @@ import type { Logger } from '../../util/log.js';
 import { UndoStack } from '../../util/undo.js';
 import type { EventBus } from '../events.js';
 import type { InstanceService } from '../instances.js';
+import { liveHandle } from '../instances/live-handle.js';
 import type { OperationContext, OperationManager } from '../operations.js';
 import { awaitOperation, uniqueName } from './common.js';
 import type { StorageService } from './volumes.js';
@@ -48,13 +48,19 @@ export class CopyService {
     if ((await this.d.instances.list()).some((i) => i.name === req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
     const driver = inst.type === 'vm' ? undefined : this.driverCopy(inst);
     if (driver && req.linked) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type}s have no linked copies: a ${inst.type} copy is a full copy of its root filesystem`);
-    if (!driver && isActive(inst.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${src} is ${inst.state}: stop it before copying (a running guest's disks are not consistent)`);
+    this.d.instances.precheck(inst, 'copy');
     return this.d.operations.start('instance.copy', { kind: 'instance', name: req.name }, (ctx) =>
-      this.d.instances.withInstance(src, 'copy', async (cur, handle) => {
-        if (driver) return this.copyByDriver(driver, cur, handle, req, ctx);
-        if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${src} is ${cur.state}: stop it before copying`);
-        return this.copyVm(cur, req.name, req, ctx);
-      }),
+      this.d.instances.withInstance(
+        src,
+        'copy',
+        async (cur, handle) => {
+          // Live only where the driver has "copy-live" (a container, frozen while copied).
+          const live = this.d.instances.allowed(cur, 'copy').live ? liveHandle(cur, handle) : undefined;
+          if (driver) return this.copyByDriver(driver, cur, live, req, ctx);
+          return this.copyVm(cur, req.name, req, ctx);
+        },
+        ctx,
+      ),
     );
   }
 
@@ -64,7 +70,7 @@ export class CopyService {
     return driver as InstanceDriver & Required<Pick<InstanceDriver, 'prepareCopy'>>;
   }
 
-  /** Under the source's lock; a running source is frozen while the driver copies it. */
+  /** Under the source's lock; a running source (`handle` given: the copy runs live) is frozen while the driver copies it. */
   private async copyByDriver(
     driver: Required<Pick<InstanceDriver, 'prepareCopy'>>,
     src: Instance,
@@ -73,6 +79,7 @@ export class CopyService {
     ctx: OperationContext,
   ): Promise<Record<string, unknown>> {
     const dst = req.name;
+    // A paused source is frozen already.
     const freeze = handle !== undefined && src.state === 'running';
     return UndoStack.run(async (undo) => {
       if (freeze) {
@@ -97,7 +104,7 @@ export class CopyService {
           description: req.description ?? src.description,
         });
         undo.add(`delete instance ${dst}`, () => awaitOperation(this.d.operations, this.d.instances.delete(dst, { force: true })).then(() => undefined));
-        copied = await this.d.instances.withInstance(dst, 'copy', () => this.d.instances.patch(dst, (r) => (src.image ? { ...r, image: src.image } : r)));
+        copied = await this.d.instances.withInstance(dst, 'copy', () => this.d.instances.patch(dst, (r) => (src.image ? { ...r, image: src.image } : r)), ctx);
       } finally {
         release();
       }
@@ -187,7 +194,7 @@ export class CopyService {
           return next;
         });
         return { instance: dst, from: src.name, linked, disks: kinds };
-      });
+      }, ctx);
       this.d.events.publish('instance.copied', { name: dst, from: src.name, linked });
       return result;
     }, this.d.log);

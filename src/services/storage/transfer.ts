@@ -6,7 +6,6 @@
 import { chmod, mkdir, mkdtemp, rename, rm, stat, statfs } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join } from 'node:path';
 import { HfError } from '../../core/errors.js';
-import { isActive } from '../../core/lifecycle.js';
 import type { ImageRecord } from '../../core/model/image.js';
 import { nameSchema, type BootConfig, type DiskConfig, type Instance } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
@@ -188,7 +187,7 @@ export class ImageTransferService {
       let instance: string | undefined;
       if (req.instance) {
         ctx.progress(97, `creating instance ${req.instance}`);
-        await this.createFromImage(req.instance, rec, undo);
+        await this.createFromImage(req.instance, rec, undo, ctx);
         instance = req.instance;
       }
       await rm(staging, { recursive: true, force: true });
@@ -198,7 +197,7 @@ export class ImageTransferService {
   }
 
   /** A stopped VM from an image, with the image's default CPUs/memory and all its disks. */
-  private async createFromImage(name: string, rec: ImageRecord, undo: UndoStack): Promise<Instance> {
+  private async createFromImage(name: string, rec: ImageRecord, undo: UndoStack, ctx: OperationContext): Promise<Instance> {
     const body: Record<string, unknown> = { name, type: 'vm', image: rec.name };
     if (rec.defaults.vcpus !== undefined) body.vcpus = rec.defaults.vcpus;
     if (rec.defaults.memoryMiB !== undefined) body.memory = rec.defaults.memoryMiB;
@@ -215,22 +214,21 @@ export class ImageTransferService {
         disks.push({ name: x.name, path, format: 'qcow2', media: 'disk', readonly: false });
       }
       return this.d.instances.patch(name, (r) => ({ ...r, config: { ...r.config, disks: [...r.config.disks, ...disks] } }));
-    });
+    }, ctx);
   }
 
   /** Writes one disk of a stopped instance to a file on the host (qcow2, raw or streamOptimized VMDK). */
   async exportInstance(name: string, body: unknown): Promise<Operation> {
     const req = parseInput(exportSchema, body);
     const inst = await this.d.instances.get(name);
-    if (inst.type !== 'vm') throw new HfError('HF_ERR_UNSUPPORTED', `export is for VMs (${name} is a ${inst.type})`);
+    this.d.instances.precheck(inst, 'export');
     if (await exists(req.file)) throw new HfError('HF_ERR_ALREADY_EXISTS', `${req.file} already exists: export never overwrites`);
     const dirSt = await stat(dirname(req.file)).catch(() => undefined);
     if (!dirSt?.isDirectory()) throw new HfError('HF_ERR_VALIDATION', `${dirname(req.file)} is not a directory`);
     pickDisk(inst, req.disk);
-    if (isActive(inst.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${name} is ${inst.state}: stop it before exporting (a running guest's disk is not consistent)`);
     return this.d.operations.start('instance.export', { kind: 'instance', name }, (ctx) =>
       this.d.instances.withInstance(name, 'export', async (cur) => {
-        if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${name} is ${cur.state}: stop it before exporting`);
+        this.d.instances.allowed(cur, 'export');
         const disk = pickDisk(cur, req.disk);
         return UndoStack.run(async (undo) => {
           const est = await this.qemuImg.measure(disk.path, req.format === 'raw' ? 'raw' : 'qcow2', disk.format);
@@ -249,7 +247,7 @@ export class ImageTransferService {
           const sizeBytes = (await stat(req.file)).size;
           return { file: req.file, format: req.format, disk: disk.name, sizeBytes, sha256 };
         }, this.d.log);
-      }),
+      }, ctx),
     );
   }
 
@@ -257,15 +255,14 @@ export class ImageTransferService {
   async publish(name: string, body: unknown): Promise<Operation> {
     const req = parseInput(publishSchema, body);
     const inst = await this.d.instances.get(name);
-    if (inst.type !== 'vm') throw new HfError('HF_ERR_UNSUPPORTED', `publish is for VMs (${name} is a ${inst.type})`);
-    if (isActive(inst.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${name} is ${inst.state}: stop it before publishing`);
+    this.d.instances.precheck(inst, 'publish');
     pickDisk(inst, undefined);
     await this.checkNewImageName(req.as);
     this.busyImages.add(req.as);
     return this.d.operations.start('instance.publish', { kind: 'image', name: req.as }, (ctx) =>
       this.d.instances
         .withInstance(name, 'publish', async (cur) => {
-          if (isActive(cur.state)) throw new HfError('HF_ERR_INSTANCE_RUNNING', `instance ${name} is ${cur.state}: stop it before publishing`);
+          this.d.instances.allowed(cur, 'publish');
           const disk = pickDisk(cur, undefined);
           const pool = await this.d.storage.pool(DEFAULT_POOL);
           const b = this.d.storage.backend(pool);
@@ -324,7 +321,7 @@ export class ImageTransferService {
             this.d.events.publish('image.published', { name: req.as, from: name });
             return { image: req.as, sizeBytes, sha256 };
           }, this.d.log);
-        })
+        }, ctx)
         .finally(() => this.busyImages.delete(req.as)),
     );
   }

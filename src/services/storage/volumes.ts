@@ -5,7 +5,6 @@
 // Image transfer (transfer.ts) and instance copies (copies.ts) build on this service.
 import { dirname, resolve } from 'node:path';
 import { HfError } from '../../core/errors.js';
-import { isActive } from '../../core/lifecycle.js';
 import type { ImageRecord } from '../../core/model/image.js';
 import { nameSchema, type DiskConfig, type Instance } from '../../core/model/instance.js';
 import { parseSize } from '../../core/units.js';
@@ -34,6 +33,7 @@ import { UndoStack } from '../../util/undo.js';
 import type { EventBus } from '../events.js';
 import type { ImageService } from '../images.js';
 import type { InstanceService } from '../instances.js';
+import { liveHandle } from '../instances/live-handle.js';
 import { exists, extraDisks } from './common.js';
 
 export interface StorageServiceDeps {
@@ -232,14 +232,8 @@ export class StorageService {
       await this.d.instances.withInstance(a.instance.name, 'volume resize', async (inst, handle) => {
         const disk = inst.config.disks.find((x) => x.volume === ref);
         if (!disk) throw new HfError('HF_ERR_CONFLICT', `volume ${ref} was detached meanwhile: try again`);
-        if (handle && isActive(inst.state)) {
-          if (!handle.resizeDisk) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type} instances cannot resize disks live`);
-          await handle.resizeDisk(disk.name, size);
-        } else if (inst.state === 'stopped' || inst.state === 'crashed' || inst.state === 'error') {
-          await this.backend(await this.pool(v.pool)).resizeVolume(v.path, v.format, size);
-        } else {
-          throw new HfError('HF_ERR_BUSY', `instance ${inst.name} is ${inst.state}: try again when it is done`);
-        }
+        if (this.d.instances.allowed(inst, 'resize-disk').live) await liveHandle(inst, handle, 'resizeDisk').resizeDisk(disk.name, size);
+        else await this.backend(await this.pool(v.pool)).resizeVolume(v.path, v.format, size);
         await apply();
       });
     } else {
@@ -268,7 +262,7 @@ export class StorageService {
     const ref = `${v.pool}/${v.name}`;
     const diskName = req.disk ?? v.name;
     return this.d.instances.withInstance(instance, 'volume attach', async (inst, handle) => {
-      if (inst.type !== 'vm') throw new HfError('HF_ERR_UNSUPPORTED', `volumes attach to VMs only (${inst.name} is a ${inst.type})`);
+      const live = this.d.instances.allowed(inst, 'attach-disk').live ? liveHandle(inst, handle, 'attachDisk') : undefined;
       const other = await this.attachment(ref);
       if (other) throw new HfError('HF_ERR_CONFLICT', `volume ${ref} is already attached to ${other.instance.name}`);
       if (inst.config.disks.some((x) => x.name === diskName)) {
@@ -276,17 +270,13 @@ export class StorageService {
       }
       const disk: DiskConfig = { name: diskName, path: v.path, format: v.format, media: 'disk', bus: 'virtio', readonly: false, volume: ref };
       return UndoStack.run(async (undo) => {
-        let live = false;
-        if (handle && isActive(inst.state)) {
-          if (!handle.attachDisk) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type} instances cannot hot-plug disks`);
-          if (inst.state !== 'running' && inst.state !== 'paused') throw new HfError('HF_ERR_BUSY', `instance ${inst.name} is ${inst.state}: try again when it is done`);
-          await handle.attachDisk(disk);
-          undo.add('hot-unplug disk', () => handle.detachDisk?.(disk.name));
-          live = true;
+        if (live) {
+          await live.attachDisk(disk);
+          undo.add('hot-unplug disk', () => live.detachDisk?.(disk.name));
         }
         const updated = await this.d.instances.patch(inst.name, (r) => ({ ...r, config: { ...r.config, disks: [...r.config.disks, disk] } }));
-        this.d.events.publish('storage.volume.attached', { ref, instance: inst.name, disk: disk.name, live });
-        return { instance: updated, disk, live };
+        this.d.events.publish('storage.volume.attached', { ref, instance: inst.name, disk: disk.name, live: live !== undefined });
+        return { instance: updated, disk, live: live !== undefined };
       }, this.d.log);
     });
   }
@@ -295,14 +285,10 @@ export class StorageService {
     const r = this.ref(volumeRef);
     const ref = `${r.pool}/${r.name}`;
     return this.d.instances.withInstance(instance, 'volume detach', async (inst, handle) => {
+      const live = this.d.instances.allowed(inst, 'detach-disk').live;
       const disk = inst.config.disks.find((x) => x.volume === ref);
       if (!disk) throw new HfError('HF_ERR_VOLUME_NOT_FOUND', `volume ${ref} is not attached to ${inst.name}`);
-      let live = false;
-      if (handle && isActive(inst.state)) {
-        if (!handle.detachDisk) throw new HfError('HF_ERR_UNSUPPORTED', `${inst.type} instances cannot hot-unplug disks`);
-        await handle.detachDisk(disk.name);
-        live = true;
-      }
+      if (live) await liveHandle(inst, handle, 'detachDisk').detachDisk(disk.name);
       const updated = await this.d.instances.patch(inst.name, (x) => ({ ...x, config: { ...x.config, disks: x.config.disks.filter((y) => y.volume !== ref) } }));
       this.d.events.publish('storage.volume.detached', { ref, instance: inst.name, live });
       return { instance: updated, live };
