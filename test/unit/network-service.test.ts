@@ -502,32 +502,34 @@ describe('network service (fake host)', () => {
     assert.ok(w.host.dhcpPid('default'), 'dnsmasq runs again after the lease file was edited');
   });
 
-  it("removes another daemon's objects when its lock is not held, even with its data directory still there", async () => {
+  it("removes another daemon's objects only when it is not running and its store is gone", async () => {
     const owners = join(w.dir, 'owners');
-    const other = async (tag: string, opts: { lock: boolean; legacy?: boolean }) => {
+    const other = async (tag: string, opts: { lock: boolean; store: boolean }) => {
       const dataDir = await mkdtemp(join(w.dir, `d${tag}-`));
-      if (opts.legacy) await writeFile(join(dataDir, 'state.db'), '');
+      if (opts.store) await writeFile(join(dataDir, 'state.db'), '');
       const held = opts.lock ? await tryLock(daemonLockFile(dataDir)) : undefined;
-      if (!opts.lock && !opts.legacy) await writeFile(daemonLockFile(dataDir), ''); // a daemon that ran and ended
+      if (!opts.lock) await writeFile(daemonLockFile(dataDir), ''); // a daemon that ran and ended
       await writeFile(join(owners, tag), dataDir + '\n');
       w.host.links.set(`hf${tag}b-default`, { name: `hf${tag}b-default`, kind: 'bridge', up: true, addresses: [] });
       await w.host.addNetns(`hf${tag}n-c1`);
       return held;
     };
-    const alive = await other('aaaa', { lock: true });
-    await other('bbbb', { lock: false });
-    await other('cccc', { lock: false, legacy: true });
+    const alive = await other('aaaa', { lock: true, store: false });
+    await other('bbbb', { lock: false, store: true });
+    await other('dddd', { lock: false, store: false });
     try {
       await w.net.start();
-      assert.ok(w.host.links.has('hfaaaab-default') && w.host.netns.has('hfaaaan-c1'), 'a running daemon keeps its objects');
-      assert.ok(!w.host.links.has('hfbbbbb-default') && !w.host.netns.has('hfbbbbn-c1'), 'a stopped one loses them');
-      assert.ok(!existsSync(join(owners, 'bbbb')), 'and its owner entry');
-      assert.ok(w.host.links.has('hfccccb-default'), 'a daemon from before the lock (store, no lock file) is left alone');
+      assert.ok(w.host.links.has('hfaaaab-default') && w.host.netns.has('hfaaaan-c1'), 'a running daemon keeps its objects, even with its store gone');
+      assert.ok(w.host.links.has('hfbbbbb-default') && w.host.netns.has('hfbbbbn-c1'), 'a daemon that is down (restarting) keeps them: its guests may still use them');
+      assert.ok(existsSync(join(owners, 'bbbb')), 'and its owner entry');
+      assert.ok(!w.host.links.has('hfddddb-default') && !w.host.netns.has('hfddddn-c1'), 'a daemon not running whose store is gone loses them');
+      assert.ok(!existsSync(join(owners, 'dddd')), 'and its owner entry');
     } finally {
       alive?.release();
     }
     await w.net.start();
     assert.ok(!w.host.links.has('hfaaaab-default'), 'gone once its lock is released');
+    assert.ok(w.host.links.has('hfbbbbb-default'), 'the stopped daemon with its store still keeps them');
   });
 
   it('reconcile removes our stray interfaces and namespaces and orphaned reservations, nothing else', async () => {

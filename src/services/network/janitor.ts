@@ -1,7 +1,7 @@
 // Leftovers. Daemons on other data directories of this host (test suites) each tag their
-// objects; when such a daemon is dead, nothing but another daemon can ever remove its
-// interfaces, namespaces and tables. A daemon is alive while it holds the flock on its data
-// directory's daemon.lock (util/flock.ts). And this daemon's own leftovers: after a crash,
+// objects; when such a daemon is gone for good (not running: the flock on its data directory's
+// daemon.lock is free, util/flock.ts; and its store deleted), nothing but another daemon can ever
+// remove its interfaces, namespaces and tables. And this daemon's own leftovers: after a crash,
 // interfaces and namespaces no active instance needs, and reservations of instances that are gone.
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
@@ -33,14 +33,15 @@ export class Janitor {
     await writeFile(join(this.ownersDir, this.c.d.names.tag || '_'), this.c.d.dataDir + '\n');
   }
 
-  /** Whether the daemon of `dataDir` is dead, as far as its objects are concerned. */
-  private async isDead(dataDir: string): Promise<boolean> {
-    const lock = daemonLockFile(dataDir);
-    if (await isLockHeld(lock)) return false;
-    // A store without a lock file: a daemon from before liveness by lock, which may well be
-    // running (an upgrade in progress). Its objects stay until its directory goes.
-    if (!existsSync(lock) && existsSync(join(dataDir, 'state.db'))) return false;
-    return true;
+  /**
+   * Whether the objects of `dataDir`'s daemon are abandoned: no daemon runs on it (its lock is
+   * free) and none can come back for them (its store is gone). A daemon that is merely down (a
+   * restart, a SIGKILL) keeps its objects: its guests may still run on its veths and taps, and it
+   * reconciles them itself when it starts again.
+   */
+  private async isAbandoned(dataDir: string): Promise<boolean> {
+    if (await isLockHeld(daemonLockFile(dataDir))) return false;
+    return !existsSync(join(dataDir, 'state.db'));
   }
 
   /** Removes the interfaces, namespaces and tables of dead daemons (only names with their tag). */
@@ -57,13 +58,13 @@ export class Janitor {
       const dir = (await readFile(join(this.ownersDir, tag), 'utf8').catch(() => '')).trim();
       if (!dir) continue;
       try {
-        if (!(await this.isDead(dir))) continue;
+        if (!(await this.isAbandoned(dir))) continue;
         const other = new NetNames(tag);
         for (const l of await c.d.host.listLinks()) if (other.ownsLink(l.name)) await c.d.host.deleteLink(l.name);
         for (const ns of await c.d.host.listNetns()) if (other.ownsNetns(ns)) await c.d.host.deleteNetns(ns);
         await c.d.host.applyNft(buildRuleset({ table: other.table, networks: [], nics: [], firewalls: [], forwards: [] }));
         await rm(join(this.ownersDir, tag), { force: true });
-        c.d.log.info('removed the network objects of a daemon that is not running', { tag, dataDir: dir });
+        c.d.log.info('removed the network objects of a daemon whose data directory is gone', { tag, dataDir: dir });
       } catch (e) {
         c.d.log.warn('cannot clean up after a dead daemon', { tag, error: (e as Error).message });
       }
