@@ -202,16 +202,7 @@ function refusal(name: string, state: InstanceState, action: Action, why: Refusa
   return new HfError(code, `cannot ${action} instance "${name}" while it is ${state}`, { details });
 }
 
-/**
- * The table's answer for lifecycle actions, which no capability gates. Kept for callers that have
- * no driver at hand; everything else uses `checkAllowed`.
- */
-export function checkAction(name: string, state: InstanceState, action: LifecycleAction | 'delete' | 'update'): { during?: InstanceState; to?: InstanceState } {
-  const r = checkAllowed({ name, type: 'vm', state }, action, ALL_CAPABILITIES);
-  return { during: r.during, to: r.to };
-}
-
-/** Every capability (tests, and `checkAction` for actions no capability gates). */
+/** Every capability (tests). */
 export const ALL_CAPABILITIES: ReadonlySet<Capability> = new Set(CAPABILITIES);
 
 /** States in which a hypervisor process exists (or is being created or torn down). */

@@ -113,8 +113,13 @@ export class InstanceService {
 
   // ---- create --------------------------------------------------------------------------------
 
-  /** Validates a create request and creates the instance (stopped). Synchronous-ish: disks are overlays. */
-  async create(body: unknown): Promise<Instance> {
+  /**
+   * Validates a create request and creates the instance (stopped). Synchronous-ish: disks are overlays.
+   * A caller that creates as one step of its own work (a copy, an import) hands down its undo
+   * stack: the new instance is then removed with the rest if a later step of that work fails
+   * (directly, under the instance's lock: no nested delete operation).
+   */
+  async create(body: unknown, caller?: { undo: UndoStack; ctx: OperationContext }): Promise<Instance> {
     const req = parseInput(createInstanceSchema, body);
     const driver = this.driver(req.type);
     if (await this.records.collection.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
@@ -166,6 +171,8 @@ export class InstanceService {
         const created = await this.records.collection.create(inst.name, inst);
         this.d.events.publish('instance.created', { name: inst.name, type: inst.type });
         this.d.log.info('instance created', { name: inst.name, id: inst.id });
+        const name = inst.name;
+        caller?.undo.add(`remove the new instance ${name}`, () => this.locks.run(name, 'undo create', () => this.remove(name, caller.ctx)));
         return created.value;
       }, this.d.log),
     );
@@ -321,21 +328,25 @@ export class InstanceService {
     return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
       this.locked(name, 'delete', ctx, async () => {
         const cur = (await this.load(name)).value;
-        if (isActive(cur.state) || this.supervisor.handle(name)) {
-          if (!opts.force) this.allowed(cur, 'delete');
-          await this.runner.stop(name, ctx, { force: true });
-        }
-        this.supervisor.cancelRestart(name);
-        const after = (await this.load(name)).value;
-        await this.driver(after.type).cleanup(after, this.paths(name));
-        for (const ext of this.extensions) if (ext.onDelete) await ext.onDelete(after);
-        await this.records.collection.delete(name);
-        await rm(this.paths(name).dir, { recursive: true, force: true });
-        this.d.events.publish('instance.deleted', { name });
-        this.d.log.info('instance deleted', { name });
+        if (!opts.force && (isActive(cur.state) || this.supervisor.handle(name))) this.allowed(cur, 'delete');
+        await this.remove(name, ctx);
       }),
       { queued },
     );
+  }
+
+  /** Stops the instance if it runs and removes it with everything it held (caller holds its lock). */
+  private async remove(name: string, ctx: OperationContext): Promise<void> {
+    const cur = (await this.load(name)).value;
+    if (isActive(cur.state) || this.supervisor.handle(name)) await this.runner.stop(name, ctx, { force: true });
+    this.supervisor.cancelRestart(name);
+    const after = (await this.load(name)).value;
+    await this.driver(after.type).cleanup(after, this.paths(name));
+    for (const ext of this.extensions) if (ext.onDelete) await ext.onDelete(after);
+    await this.records.collection.delete(name);
+    await rm(this.paths(name).dir, { recursive: true, force: true });
+    this.d.events.publish('instance.deleted', { name });
+    this.d.log.info('instance deleted', { name });
   }
 
   // ---- supervision (instances/supervisor.ts) -----------------------------------------------------
@@ -404,10 +415,6 @@ export class InstanceService {
     return v.value;
   }
 
-  /** Whether the instance's lock is held, and by what ("busy" errors name it). */
-  busyWith(name: string): string | undefined {
-    return this.locks.holder(name);
-  }
 
   // ---- internals ---------------------------------------------------------------------------------
 

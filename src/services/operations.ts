@@ -5,7 +5,7 @@
 // never runs) or, when its work can stop cleanly (`cancellable`), while it runs: the work gets an
 // AbortSignal and the operation ends `cancelled` when the work gives up.
 import { randomUUID } from 'node:crypto';
-import { HfError, toHfError } from '../core/errors.js';
+import { ERROR_CODES, HfError, toHfError, type ErrorCode } from '../core/errors.js';
 import { isFinished, operationSchema, type Operation } from '../core/model/operation.js';
 import { Collection } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
@@ -189,10 +189,19 @@ export class OperationManager {
     return { ...op };
   }
 
-  /** Runs `fn` as an operation and waits for it; rethrows its error. For internal callers. */
-  async run<T>(type: string, target: Operation['target'], fn: (ctx: OperationContext) => Promise<T>, opts: StartOptions = {}): Promise<Operation> {
-    const op = await this.start(type, target, fn, opts);
+  /**
+   * Waits for an operation another service started, for internal callers. Only `success` is
+   * success: its failure, or its cancellation (a user cancelled the stop a revert waits for…),
+   * becomes the caller's error with its code.
+   */
+  async succeeded(started: Promise<Operation>): Promise<Operation> {
+    const op = await started;
     const done = await this.wait(op.id, Infinity);
+    if (done.status !== 'success') {
+      const fallback: ErrorCode = done.status === 'cancelled' ? 'HF_ERR_CANCELLED' : 'HF_ERR_INTERNAL';
+      const code = (done.error?.code && done.error.code in ERROR_CODES ? done.error.code : fallback) as ErrorCode;
+      throw new HfError(code, done.error?.message ?? `${done.type} ${done.status === 'cancelled' ? 'was cancelled' : 'failed'}`);
+    }
     return done;
   }
 

@@ -41,7 +41,6 @@ import type { InstanceExtension } from './extensions.js';
 import type { InstanceService } from './instances.js';
 import type { OperationContext, OperationManager } from './operations.js';
 import { liveHandle } from './instances/live-handle.js';
-import { awaitOperation } from './storage/common.js';
 
 /**
  * What a type of instance does for snapshots (VMs: qcow2 internal snapshots; DriverSnapshots).
@@ -272,7 +271,7 @@ class VmSnapshots implements SnapshotProvider {
       let started = false;
       if (!live) {
         ctx.progress(5, `starting ${name} to load its saved state`);
-        await awaitOperation(this.d.operations, this.d.instances.action(name, 'start'));
+        await this.d.operations.succeeded(this.d.instances.action(name, 'start'));
         started = true;
       }
       await this.d.instances.withInstance(
@@ -293,19 +292,19 @@ class VmSnapshots implements SnapshotProvider {
     let restarted = false;
     if (live) {
       ctx.progress(5, `stopping ${name} (a disk-only revert discards its memory)`);
-      await awaitOperation(this.d.operations, this.d.instances.action(name, 'stop', { force: true }));
+      await this.d.operations.succeeded(this.d.instances.action(name, 'stop', { force: true }));
       restarted = true;
     }
     try {
       await this.revertDisksOffline(name, rec, ctx);
     } catch (e) {
       // The guest was stopped for nothing: bring it back as it was before failing.
-      if (restarted) await awaitOperation(this.d.operations, this.d.instances.action(name, 'start')).catch(() => undefined);
+      if (restarted) await this.d.operations.succeeded(this.d.instances.action(name, 'start')).catch(() => undefined);
       throw e;
     }
     if (restarted) {
       ctx.progress(80, `starting ${name} again`);
-      await awaitOperation(this.d.operations, this.d.instances.action(name, 'start'));
+      await this.d.operations.succeeded(this.d.instances.action(name, 'start'));
     }
     return { memory: false, restarted };
   }

@@ -6,7 +6,7 @@
 // caller reads its own writes.
 import { HfError } from '../core/errors.js';
 import type { Collection, CollectionEvent, UpdateOptions, Versioned } from './collection.js';
-import { cloneJson } from './sqlite-values.js';
+import { cloneJson } from './clone.js';
 import type { LeaseId, Watch, WatchFailure } from './store.js';
 
 export interface CachedCollectionOptions {

@@ -51,7 +51,7 @@ import type {
 } from './store.js';
 
 // Kept importable from here: callers and tests knew them as part of this module.
-export { cloneJson, prefixUpperBound } from './sqlite-values.js';
+export { prefixUpperBound } from './sqlite-values.js';
 
 export interface SqliteStateStoreOptions {
   /** How many revisions the change log keeps for watch replay (default 10,000). */

@@ -20,11 +20,6 @@ export class KeyedMutex {
   private readonly tails = new Map<string, Promise<void>>();
   private readonly holders = new Map<string, string>();
 
-  /** The description of what holds the lock on `key`, if anything. */
-  holder(key: string): string | undefined {
-    return this.holders.get(key);
-  }
-
   /** Whether a `run` on `key` would wait. */
   busy(key: string): boolean {
     return this.tails.has(key);

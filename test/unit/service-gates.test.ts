@@ -13,7 +13,6 @@ import type { InstanceHandle } from '../../src/drivers/driver.js';
 import { QEMU_CAPABILITIES } from '../../src/drivers/qemu/capabilities.js';
 import { liveHandle } from '../../src/services/instances/live-handle.js';
 import { SnapshotService, type SnapshotProvider } from '../../src/services/snapshots.js';
-import { awaitOperation } from '../../src/services/storage/common.js';
 import type { SnapshotRecord } from '../../src/storage/model.js';
 import { silentLogger } from '../../src/util/log.js';
 import { FakeDriver, FakeHandle } from '../helpers/fake-driver.js';
@@ -87,7 +86,7 @@ describe('services gated by the lifecycle table (fake driver)', () => {
     await w.svc.create({ name: 'v1', boot: { kind: 'kernel', kernel } });
   });
 
-  const start = async () => assert.equal((await awaitOperation(w.ops, w.svc.action('v1', 'start'))).status, 'success');
+  const start = async () => assert.equal((await w.ops.succeeded(w.svc.action('v1', 'start'))).status, 'success');
 
   it('a snapshot is taken through the handle exactly when the table says live', async () => {
     assert.equal((await w.ops.wait((await snapshots.create('v1', { name: 'off' })).id, 3000)).status, 'success');
@@ -140,13 +139,13 @@ describe('services gated by the lifecycle table (fake driver)', () => {
     assert.deepEqual(provider.calls, []);
   });
 
-  it('awaitOperation: a cancelled operation is not a success', async () => {
+  it('OperationManager.succeeded: a cancelled operation is not a success', async () => {
     let release!: () => void;
     const held = w.svc.withInstance('v1', 'hold', () => new Promise<void>((r) => (release = r)));
     const started = w.svc.action('v1', 'start');
     const id = (await started).id;
     await waitFor(async () => (await w.ops.get(id)).status === 'queued');
-    const waiting = awaitOperation(w.ops, started);
+    const waiting = w.ops.succeeded(started);
     await w.ops.cancel(id);
     await assert.rejects(waiting, isCode('HF_ERR_CANCELLED'));
     release();

@@ -1,27 +1,9 @@
-// Small pieces the storage services share: picking a disk, file helpers, and waiting for an
-// operation started by another service (a copy deletes its half-made instance through one).
+// Small pieces the storage services share: picking a disk, names, file helpers.
 import { randomBytes } from 'node:crypto';
 import { copyFile, link, stat } from 'node:fs/promises';
-import { ERROR_CODES, HfError, type ErrorCode } from '../../core/errors.js';
+import { HfError } from '../../core/errors.js';
 import type { ImageRecord } from '../../core/model/image.js';
 import type { DiskConfig, Instance } from '../../core/model/instance.js';
-import type { Operation } from '../../core/model/operation.js';
-import type { OperationManager } from '../operations.js';
-
-/**
- * Waits for an operation started by another service. Only `success` is success: its failure, or
- * its cancellation (a user cancelled the stop a revert waits for…), becomes ours with its code.
- */
-export async function awaitOperation(operations: OperationManager, started: Promise<Operation>): Promise<Operation> {
-  const op = await started;
-  const done = await operations.wait(op.id, Infinity);
-  if (done.status !== 'success') {
-    const fallback: ErrorCode = done.status === 'cancelled' ? 'HF_ERR_CANCELLED' : 'HF_ERR_INTERNAL';
-    const code = (done.error?.code && done.error.code in ERROR_CODES ? done.error.code : fallback) as ErrorCode;
-    throw new HfError(code, done.error?.message ?? `${done.type} ${done.status === 'cancelled' ? 'was cancelled' : 'failed'}`);
-  }
-  return done;
-}
 
 /** The extra disks an imported image carries besides its first (OVAs with several disks). */
 export function extraDisks(rec: ImageRecord): Array<{ name: string; path: string; format: 'qcow2' | 'raw' }> {

@@ -22,7 +22,7 @@ import type { EventBus } from '../events.js';
 import type { InstanceService } from '../instances.js';
 import { liveHandle } from '../instances/live-handle.js';
 import type { OperationContext, OperationManager } from '../operations.js';
-import { awaitOperation, uniqueName } from './common.js';
+import { uniqueName } from './common.js';
 import type { StorageService } from './volumes.js';
 
 export interface CopyServiceDeps {
@@ -102,8 +102,7 @@ export class CopyService {
           restartPolicy: c.restartPolicy,
           autostart: c.autostart,
           description: req.description ?? src.description,
-        });
-        undo.add(`delete instance ${dst}`, () => awaitOperation(this.d.operations, this.d.instances.delete(dst, { force: true })).then(() => undefined));
+        }, { undo, ctx });
         copied = await this.d.instances.withInstance(dst, 'copy', () => this.d.instances.patch(dst, (r) => (src.image ? { ...r, image: src.image } : r)), ctx);
       } finally {
         release();
@@ -133,8 +132,7 @@ export class CopyService {
       if (c.maxVcpus !== undefined) body.maxVcpus = c.maxVcpus;
       if (c.maxMemoryMiB !== undefined) body.maxMemory = c.maxMemoryMiB;
       if (c.nics.length) body.nics = c.nics.map((n) => ({ network: n.network }));
-      await this.d.instances.create(body);
-      undo.add(`delete instance ${dst}`, () => awaitOperation(this.d.operations, this.d.instances.delete(dst, { force: true })).then(() => undefined));
+      await this.d.instances.create(body, { undo, ctx });
 
       const result = await this.d.instances.withInstance(dst, 'copy', async () => {
         const dir = this.d.instances.paths(dst).dir;

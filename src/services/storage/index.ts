@@ -3,4 +3,3 @@
 export { StorageService, type StorageServiceDeps } from './volumes.js';
 export { ImageTransferService, type ImageTransferDeps } from './transfer.js';
 export { CopyService, type CopyServiceDeps } from './copies.js';
-export { awaitOperation } from './common.js';

@@ -22,7 +22,7 @@ import type { EventBus } from '../events.js';
 import type { ImageService } from '../images.js';
 import type { InstanceService } from '../instances.js';
 import type { OperationContext, OperationManager } from '../operations.js';
-import { awaitOperation, exists, extraDisks, linkOrCopy, pickDisk } from './common.js';
+import { exists, extraDisks, linkOrCopy, pickDisk } from './common.js';
 import type { StorageService } from './volumes.js';
 
 export interface ImageTransferDeps {
@@ -201,8 +201,7 @@ export class ImageTransferService {
     const body: Record<string, unknown> = { name, type: 'vm', image: rec.name };
     if (rec.defaults.vcpus !== undefined) body.vcpus = rec.defaults.vcpus;
     if (rec.defaults.memoryMiB !== undefined) body.memory = rec.defaults.memoryMiB;
-    const inst = await this.d.instances.create(body);
-    undo.add(`delete instance ${name}`, () => awaitOperation(this.d.operations, this.d.instances.delete(name, { force: true })).then(() => undefined));
+    const inst = await this.d.instances.create(body, { undo, ctx });
     const extras = extraDisks(rec);
     if (!extras.length) return inst;
     return this.d.instances.withInstance(name, 'create', async () => {
