@@ -22,6 +22,7 @@ declare -A NEED=(
   [umoci]=umoci
   [debootstrap]=debootstrap
   [nsenter]=util-linux
+  [flock]=util-linux
   [curl]=curl
 )
 missing=()

@@ -194,13 +194,18 @@ describe('system containers on runc', () => {
         // mangled ("syntax error"): so this types a moment after the answer, as a person would.
         const queries = out.split('\x1b[6n').length - 1;
         for (; answered < queries; answered++) ws.send(Buffer.from('\x1b[1;5R'));
-        const type = (text: string) => setTimeout(() => ws.send(Buffer.from(text)), 250);
+        const type = (text: string, afterMs = 250) => setTimeout(() => ws.send(Buffer.from(text)), afterMs);
         // Markers are computed by the shell, so the terminal's echo of the typed line never matches.
         if (answered >= 1) when('# ', () => type('echo hf-$((6*7)); tty; stty size; echo mark-$((1+1))\n'));
         if (answered >= 2)
           when('mark-2\r\n', () => {
+            // The shell redraws its line when the resize reaches it (SIGWINCH), and a line typed
+            // during that redraw is lost: type it again until the shell has answered it.
             ws.send(JSON.stringify({ resize: { cols: 132, rows: 50 } }));
-            type('stty size; echo mark-$((2+1))\n');
+            const line = 'stty size; echo mark-$((2+1))\n';
+            type(line, 400);
+            const retype = setInterval(() => (out.includes('mark-3\r\n') ? clearInterval(retype) : ws.send(Buffer.from(line))), 2000);
+            ws.on('close', () => clearInterval(retype));
           });
         // The resize lands asynchronously (stty on runc's terminal, then SIGWINCH): ask for the
         // size again at each prompt until it shows (the session's deadline bounds this), then exit.
