@@ -24,6 +24,9 @@ declare -A NEED=(
   [nsenter]=util-linux
   [flock]=util-linux
   [curl]=curl
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  [openssl]=openssl
 )
 missing=()
 for prog in "${!NEED[@]}"; do

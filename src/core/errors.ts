@@ -59,6 +59,24 @@ export const ERROR_CODES = {
   HF_ERR_OPERATION_FINISHED: 409,
   /** Another daemon holds the data directory's lock (daemon.lock). */
   HF_ERR_DAEMON_RUNNING: 409,
+  /** The cluster's store (etcd) cannot be reached: writes are refused, reads are served stale. */
+  HF_ERR_CLUSTER_UNAVAILABLE: 503,
+  /** This host is not part of a cluster (a cluster command on a single host). */
+  HF_ERR_NOT_CLUSTERED: 409,
+  /** This host is already part of a cluster (init or join twice, or join a host of another cluster). */
+  HF_ERR_ALREADY_CLUSTERED: 409,
+  /** A join token is malformed, unknown, expired or already used (the message says which). */
+  HF_ERR_TOKEN_INVALID: 401,
+  /** No host of that name is a member of the cluster. */
+  HF_ERR_HOST_NOT_FOUND: 404,
+  /** The host that holds the record is offline: the request cannot be forwarded to it. */
+  HF_ERR_HOST_OFFLINE: 503,
+  /** The host still holds instances (remove refused without --force). */
+  HF_ERR_HOST_IN_USE: 409,
+  /** Records of a joining host clash with the cluster's (the details list what to rename). */
+  HF_ERR_NAME_CLASH: 409,
+  /** etcd could not start (port in use, damaged data directory…; the message says which). */
+  HF_ERR_ETCD_START: 500,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -22,7 +22,7 @@ export function layerOf(file: string): string {
   return parts[1]!;
 }
 
-const LIBRARIES = ['storage', 'network', 'images'];
+const LIBRARIES = ['storage', 'network', 'images', 'cluster'];
 /** What each layer may import besides itself. A driver may not reach into another driver. */
 function mayImport(from: string, to: string, target: string): boolean {
   if (from === to) return true;
@@ -34,6 +34,7 @@ function mayImport(from: string, to: string, target: string): boolean {
     case 'storage':
     case 'network':
     case 'images':
+    case 'cluster':
     case 'drivers/driver.ts':
       return ['core', 'util'].includes(to);
     case 'services':
