@@ -9,6 +9,7 @@ import type { ExecSession } from '../drivers/driver.js';
 import type { Logger } from '../util/log.js';
 import { buildOpenApi } from './openapi.js';
 import { RouteTable } from './routes.js';
+import { PUBLIC_CLUSTER_ROUTES, registerClusterRoutes } from './routes/cluster.js';
 import { registerContainerRoutes } from './routes/containers.js';
 import { registerInstanceRoutes } from './routes/instances.js';
 import { registerNetworkRoutes } from './routes/networks.js';
@@ -30,6 +31,7 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
   registerNetworkRoutes(table, svc);
   registerContainerRoutes(table, svc);
   registerStorageRoutes(table, svc);
+  registerClusterRoutes(table, svc);
   table.add({
     method: 'GET',
     url: '/api/v1/events',
@@ -82,6 +84,8 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
   app.addHook('onRequest', async (req) => {
     if (!opts.token) return;
     if (req.url === '/api/v1/openapi.json' || req.url === '/' ) return;
+    // A joining host has neither the token nor a certificate yet: the join token in the body is its credential.
+    if (PUBLIC_CLUSTER_ROUTES.has(`${req.method} ${req.url.split('?')[0]}`)) return;
     const header = req.headers.authorization;
     let given: string | undefined;
     if (header?.startsWith('Bearer ')) given = header.slice(7).trim();

@@ -7,6 +7,7 @@ import type { InstanceService } from '../services/instances.js';
 import type { NetworkService } from '../services/network/service.js';
 import type { OperationManager } from '../services/operations.js';
 import type { SnapshotService } from '../services/snapshots.js';
+import type { ClusterService } from '../services/cluster/service.js';
 import type { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
 
 export interface ApiServices {
@@ -25,4 +26,27 @@ export interface ApiServices {
   snapshots?: SnapshotService;
   /** Networks, NICs, firewall, port forwards (absent in tests that do not need them). */
   networks?: NetworkService;
+  /** The cluster verbs (init, join, token, members, backup); always present, answers "not clustered" on a single host. */
+  clusterControl?: ClusterControl;
+}
+
+export interface ClusterStatus {
+  clustered: boolean;
+  host: string;
+  cluster?: { clusterId: string; name: string; createdAt: string };
+  address?: string;
+  etcd?: { endpoints: string[]; managed: boolean; member: boolean };
+  leaseTtl?: number;
+}
+
+/** What the daemon does for the cluster routes (init and join restart it into cluster mode). */
+export interface ClusterControl {
+  status(): Promise<ClusterStatus>;
+  /** The cluster service when this host is a member (tokens, members, admission, routing). */
+  service(): ClusterService | undefined;
+  init(body: { name?: string; address?: string; leaseTtl?: number; etcd?: { endpoints: string[]; ca: string; cert: string; key: string } }): Promise<ClusterStatus>;
+  join(body: { url: string; token: string; address?: string }): Promise<ClusterStatus>;
+  /** This host's CA certificate (public: a joining host pins it by the token's fingerprint). */
+  caPem(): Promise<string>;
+  backup(file: string): Promise<{ file: string; bytes: number }>;
 }

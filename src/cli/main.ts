@@ -4,6 +4,7 @@
 import { Command } from 'commander';
 import { ApiError } from './client.js';
 import { createContext } from './context.js';
+import { registerClusterCommands } from './commands/cluster.js';
 import { registerContainerCommands } from './commands/containers.js';
 import { registerInstanceCommands } from './commands/instances.js';
 import { registerNetworkCommands } from './commands/networks.js';
@@ -25,6 +26,7 @@ registerNetworkCommands(ctx);
 registerSystemCommands(ctx);
 registerStorageCommands(ctx);
 registerContainerCommands(ctx);
+registerClusterCommands(ctx);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof ApiError) {

@@ -32,6 +32,11 @@ import { createLogger, type Logger } from '../util/log.js';
 import { Spawner } from '../util/spawner.js';
 import { daemonLockFile, tryLock } from '../util/flock.js';
 import { isActive } from '../core/lifecycle.js';
+import { freemem, loadavg, totalmem } from 'node:os';
+import { ClusterMembers } from '../services/cluster/members.js';
+import { ClusterService, type JoinManifest } from '../services/cluster/service.js';
+import { networkSchema, ipReservationSchema } from '../network/model.js';
+import { backupCluster, etcdUrls, initCluster, joinCluster, openCluster, type ClusterRuntime } from './cluster.js';
 import { DataPaths, type DaemonConfig } from './config.js';
 import { VERSION } from './version.js';
 
@@ -53,7 +58,13 @@ interface HostRecord {
   lastStart: string;
 }
 
-export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } = {}): Promise<Daemon> {
+export interface StartOptions {
+  log?: Logger;
+  /** Called when init or join wants the daemon to start again in cluster mode (serve.ts does it in this process). */
+  requestRestart?: () => void;
+}
+
+export async function startDaemon(config: DaemonConfig, opts: StartOptions = {}): Promise<Daemon> {
   const log = opts.log ?? createLogger({ level: (process.env.HYPERFOLD_LOG_LEVEL as 'info' | undefined) ?? 'info' });
   const paths = new DataPaths(config.dataDir);
   const startedAt = new Date().toISOString();
@@ -67,7 +78,15 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   await rm(paths.commandsDir, { recursive: true, force: true });
   useCommandRunner(new Spawner(), paths.commandsDir);
   const token = await loadOrCreateToken(paths.tokenFile);
-  const store = SqliteStateStore.open(paths.stateDb);
+  // A cluster member keeps its state in etcd (cluster/cluster.json says how to reach it); a single host in SQLite.
+  let cluster: ClusterRuntime | undefined;
+  try {
+    cluster = await openCluster(paths.root, config.hostName, log.child({ component: 'cluster' }));
+  } catch (e) {
+    lock.release();
+    throw e;
+  }
+  const store: StateStore = cluster?.store ?? SqliteStateStore.open(paths.stateDb);
 
   const events = new EventBus(config.hostName);
   const operations = new OperationManager(store, events, config.hostName, log.child({ component: 'operations' }));
@@ -120,6 +139,37 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   extensions.push(networks.extension);
   const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, cacheDir: paths.cacheDir, log: log.child({ component: 'containers' }) });
 
+  let accelForMembers: AccelVerdict | undefined;
+  const members = cluster
+    ? new ClusterMembers({
+        store,
+        hostName: config.hostName,
+        leaseTtl: cluster.config.leaseTtl,
+        log: log.child({ component: 'cluster' }),
+        self: async () => {
+          const cap = hostCapacity();
+          accelForMembers ??= await accelVerdict().catch(() => undefined);
+          return {
+            name: config.hostName,
+            address: cluster.config.address,
+            clusterPort: cluster.config.clusterPort,
+            ...(cluster.config.etcd.managed && cluster.config.etcd.member ? { etcd: etcdUrls(cluster.config.address) } : {}),
+            cpus: cap.cpus,
+            memoryMiB: cap.memoryMiB,
+            overcommit: config.overcommit,
+            version: VERSION,
+            ...(accelForMembers?.qemuVersion ? { qemuVersion: accelForMembers.qemuVersion } : {}),
+          };
+        },
+        usage: () => ({ host: config.hostName, at: new Date().toISOString(), memoryUsedMiB: Math.round((totalmem() - freemem()) / 1048576), loadavg: loadavg()[0] ?? 0 }),
+      })
+    : undefined;
+  const clusterService =
+    cluster && members
+      ? new ClusterService({ store, hostName: config.hostName, members, instances, etcd: cluster.membership, leaseTtl: cluster.config.leaseTtl, pkiDir: cluster.paths.pkiDir, log: log.child({ component: 'cluster' }) })
+      : undefined;
+  if (members) await members.start();
+
   // Did the host boot since we last ran? Then autostart instances start.
   const hostKey = `/hosts/${config.hostName}`;
   const prev = (await store.get<HostRecord>(hostKey))?.value;
@@ -144,6 +194,42 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
     containers,
     networks,
     version: VERSION,
+    clusterControl: {
+      status: async () => {
+        if (!cluster || !clusterService) return { clustered: false, host: config.hostName };
+        const info = await clusterService.info();
+        return {
+          clustered: true,
+          host: config.hostName,
+          cluster: info,
+          address: cluster.config.address,
+          etcd: { endpoints: cluster.config.etcd.endpoints, managed: cluster.config.etcd.managed, member: cluster.config.etcd.member },
+          leaseTtl: cluster.config.leaseTtl,
+        };
+      },
+      service: () => clusterService,
+      init: async (body) => {
+        const c = await initCluster(paths.root, config, body, log.child({ component: 'cluster' }));
+        restartSoon();
+        return { clustered: false, host: config.hostName, address: c.address, cluster: { clusterId: c.clusterId, name: c.clusterName, createdAt: c.joinedAt } };
+      },
+      join: async (body) => {
+        if (cluster) throw new HfError('HF_ERR_ALREADY_CLUSTERED', `this host is already host ${cluster.config.hostName} of cluster ${cluster.config.clusterName}: remove it from that cluster first`);
+        const cap = hostCapacity();
+        const v = await accelVerdict().catch(() => undefined);
+        const c = await joinCluster(paths.root, config, body, { manifest: await joinManifest(store), cpus: cap.cpus, memoryMiB: cap.memoryMiB, version: VERSION, ...(v?.qemuVersion ? { qemuVersion: v.qemuVersion } : {}) }, log.child({ component: 'cluster' }));
+        restartSoon();
+        return { clustered: false, host: config.hostName, address: c.address, cluster: { clusterId: c.clusterId, name: c.clusterName, createdAt: c.joinedAt } };
+      },
+      caPem: async () => {
+        if (!clusterService) throw new HfError('HF_ERR_NOT_CLUSTERED', 'this host is not part of a cluster');
+        return (await clusterService.tls()).ca;
+      },
+      backup: async (file) => {
+        if (!cluster) throw new HfError('HF_ERR_NOT_CLUSTERED', 'this host is not part of a cluster: its state is the SQLite file state.db');
+        return backupCluster(cluster, file);
+      },
+    },
     host: async () => {
       const all = await instances.list();
       const active = all.filter((i) => i.host === config.hostName && isActive(i.state));
@@ -201,6 +287,15 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
   const trimTimer = setInterval(() => void instances.trimConsoleLogs(), 30_000);
   trimTimer.unref();
 
+  /** Init and join: once the answer is on its way, the daemon starts again in cluster mode. */
+  function restartSoon(): void {
+    if (!opts.requestRestart) {
+      log.warn('cluster membership changed: restart the daemon to switch over');
+      return;
+    }
+    setTimeout(() => opts.requestRestart!(), 100).unref();
+  }
+
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> =>
     (closing ??= (async () => {
@@ -209,7 +304,9 @@ export async function startDaemon(config: DaemonConfig, opts: { log?: Logger } =
       listening = [];
       await instances.close();
       await networks.close();
-      await store.close();
+      await members?.close();
+      if (cluster) await cluster.close();
+      else await store.close();
       await rm(paths.socket, { force: true });
       lock.release();
     })());
@@ -241,4 +338,14 @@ async function loadOrCreateToken(file: string): Promise<string> {
   const token = randomBytes(24).toString('base64url');
   await writeFile(file, token + '\n', { mode: 0o600 });
   return token;
+}
+
+/** What a joining host brings into the cluster (checked for clashes by the member it joins through). */
+async function joinManifest(store: StateStore): Promise<JoinManifest> {
+  const [inst, nets, ips] = await Promise.all([store.list('/instances/'), store.list('/networks/'), store.list('/network-ips/')]);
+  return {
+    instances: inst.entries.map((e) => e.key.slice('/instances/'.length)),
+    networks: nets.entries.map((e) => networkSchema.parse(e.value)),
+    ips: ips.entries.map((e) => ipReservationSchema.parse(e.value)),
+  };
 }

@@ -5,7 +5,7 @@ import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { HfError, toHfError } from '../core/errors.js';
+import { HfError, isHfError, toHfError } from '../core/errors.js';
 import { checkAllowed, isActive, type Action, type Allowed, type Capability, type LifecycleAction } from '../core/lifecycle.js';
 import {
   createInstanceSchema,
@@ -92,6 +92,16 @@ export class InstanceService {
 
   async get(name: string): Promise<Instance> {
     return (await this.load(name)).value;
+  }
+
+  /** The record, or undefined when there is none (or the name is not valid). */
+  async find(name: string): Promise<Instance | undefined> {
+    try {
+      return (await this.load(name)).value;
+    } catch (e) {
+      if (isHfError(e, 'HF_ERR_INSTANCE_NOT_FOUND') || isHfError(e, 'HF_ERR_INVALID_NAME')) return undefined;
+      throw e;
+    }
   }
 
   /** What the hypervisor reports about a running instance right now (balloon, cgroup usage…). */
@@ -227,7 +237,7 @@ export class InstanceService {
 
   async update(name: string, body: unknown): Promise<{ instance: Instance; applied: string[]; pending: string[]; notes: string[] }> {
     const patch = parseInput(updateInstanceSchema, body);
-    await this.load(name);
+    await this.loadOwn(name);
     // A synchronous request: it waits its turn behind queued operations, but only so long.
     const wait = { timeoutMs: this.d.busyWaitMs ?? DEFAULT_BUSY_WAIT_MS, label: `instance "${name}"` };
     return this.locks.run(name, 'update', async () => {
@@ -289,7 +299,7 @@ export class InstanceService {
    * busy one the action queues (status `queued`) and is checked when its turn comes.
    */
   async action(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
-    const inst = (await this.load(name)).value;
+    const inst = (await this.loadOwn(name)).value;
     const check: LifecycleAction = action === 'stop' && opts.force ? 'kill' : action;
     const queued = this.locks.busy(name);
     if (!queued) this.allowed(inst, check);
@@ -322,7 +332,7 @@ export class InstanceService {
   }
 
   async delete(name: string, opts: { force?: boolean } = {}): Promise<Operation> {
-    const inst = (await this.load(name)).value;
+    const inst = (await this.loadOwn(name)).value;
     const queued = this.locks.busy(name);
     if (!opts.force && !queued) this.allowed(inst, 'delete');
     return this.d.operations.start('instance.delete', { kind: 'instance', name }, (ctx) =>
@@ -359,13 +369,13 @@ export class InstanceService {
   // ---- console -----------------------------------------------------------------------------------
 
   async attachConsole(name: string): Promise<ConsoleAttachment> {
-    this.allowed((await this.load(name)).value, 'console');
+    this.allowed((await this.loadOwn(name)).value, 'console');
     return this.supervisor.requireHandle(name).attachConsole();
   }
 
   /** The tail of the bounded console log (at most `maxBytes`). */
   async consoleLog(name: string, maxBytes = 256 * 1024): Promise<string> {
-    await this.load(name);
+    await this.loadOwn(name);
     return readConsoleTail(this.paths(name).consoleLog, maxBytes);
   }
 
@@ -381,7 +391,7 @@ export class InstanceService {
    * Other services use this to change an instance's config and the running guest together.
    */
   async withInstance<T>(name: string, what: string, fn: (inst: Instance, handle: InstanceHandle | undefined) => Promise<T>, ctx?: OperationContext): Promise<T> {
-    await this.load(name);
+    await this.loadOwn(name);
     return this.locked(name, what, ctx, async () => fn((await this.load(name)).value, this.supervisor.handle(name)));
   }
 
@@ -453,5 +463,17 @@ export class InstanceService {
 
   private load(name: string): Promise<Versioned<Instance>> {
     return this.records.load(name);
+  }
+
+  /**
+   * The record of an instance this host may act on. A host acts only on its own instances: in a
+   * cluster the API forwards a request about another host's instance there before it gets here.
+   */
+  private async loadOwn(name: string): Promise<Versioned<Instance>> {
+    const v = await this.records.load(name);
+    if (v.value.host !== this.d.hostName) {
+      throw new HfError('HF_ERR_INVALID_STATE', `instance "${name}" lives on host ${v.value.host}: only that host acts on it (its API, or any member's, which forwards)`, { details: { host: v.value.host } });
+    }
+    return v;
   }
 }

@@ -17,7 +17,10 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
     responses: { 200: '{ instances: Instance[] }' },
     handler: async ({ query }) => {
       const all = await svc.instances.list();
-      return { instances: query.type ? all.filter((i) => i.type === query.type) : all };
+      const shown = query.type ? all.filter((i) => i.type === query.type) : all;
+      // In a cluster, instances of an offline host show state `unknown`.
+      const cluster = svc.clusterControl?.service();
+      return { instances: cluster ? await cluster.present(shown) : shown };
     },
   });
 
@@ -48,7 +51,8 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
     params: nameParams,
     responses: { 200: '{ instance }' },
     handler: async ({ params }) => {
-      const instance = await svc.instances.get(params.name);
+      const cluster = svc.clusterControl?.service();
+      const instance = cluster ? (await cluster.present([await svc.instances.get(params.name)]))[0]! : await svc.instances.get(params.name);
       const live = await svc.instances.liveInfo(params.name);
       return live ? { instance, live } : { instance };
     },
