@@ -6,12 +6,15 @@ import type { ImageService } from '../services/images.js';
 import type { InstanceService } from '../services/instances.js';
 import type { NetworkService } from '../services/network/service.js';
 import type { OperationManager } from '../services/operations.js';
+import type { PlacementService } from '../services/placement.js';
 import type { SnapshotService } from '../services/snapshots.js';
 import type { ClusterService } from '../services/cluster/service.js';
 import type { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
 
 export interface ApiServices {
   instances: InstanceService;
+  /** Which host a new instance goes to (this one alone, until the daemon is clustered). */
+  placement: PlacementService;
   operations: OperationManager;
   images: ImageService;
   events: EventBus;

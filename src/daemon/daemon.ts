@@ -22,6 +22,7 @@ import { NetworkService } from '../services/network/service.js';
 import { LinuxNetHost } from '../network/host.js';
 import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';
+import { PlacementService, singleHostDirectory } from '../services/placement.js';
 import type { InstanceExtension } from '../services/extensions.js';
 import { SnapshotService } from '../services/snapshots.js';
 import { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
@@ -126,6 +127,10 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     consoleLogMaxBytes: config.consoleLogMaxBytes,
   });
 
+  const placement = new PlacementService({
+    hosts: singleHostDirectory({ hostName: config.hostName, capacity: hostCapacity, overcommit: config.overcommit, instances: () => instances.list() }),
+  });
+
   const storageLog = log.child({ component: 'storage' });
   const storage = new StorageService({ store, defaultPoolPath: paths.root, instances, images, events, log: storageLog });
   await storage.init();
@@ -184,6 +189,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
 
   const services: ApiServices = {
     instances,
+    placement,
     operations,
     images,
     events,

@@ -17,6 +17,7 @@ import {
 } from '../core/model/instance.js';
 import type { ImageRecord } from '../core/model/image.js';
 import type { Operation } from '../core/model/operation.js';
+import type { PlacementRequest } from '../core/placement.js';
 import { checkCanCommit, checkFitsHost, type HostCapacity, type OvercommitPolicy } from '../core/resources.js';
 import { parseInput } from '../core/validate.js';
 import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult } from '../drivers/driver.js';
@@ -60,7 +61,12 @@ export interface InstanceServiceDeps {
 
 const DEFAULT_BUSY_WAIT_MS = 10_000;
 
-
+/**
+ * Who calls `create`, when it is not a plain request: a caller that creates as one step of its own
+ * work (a copy, an import) hands down its undo stack and operation; the create route hands down
+ * the reason placement gave for choosing this host.
+ */
+export type CreateCaller = { placementReason?: string } & ({ undo: UndoStack; ctx: OperationContext } | { undo?: undefined; ctx?: undefined });
 
 export class InstanceService {
   private readonly records: InstanceRecords;
@@ -116,6 +122,11 @@ export class InstanceService {
     }
   }
 
+  /** The host this service creates instances on. */
+  get hostName(): string {
+    return this.d.hostName;
+  }
+
   paths(name: string): InstancePaths {
     const dir = join(this.d.instancesDir, name);
     return { dir, consoleLog: join(dir, 'console.log') };
@@ -128,9 +139,16 @@ export class InstanceService {
    * A caller that creates as one step of its own work (a copy, an import) hands down its undo
    * stack: the new instance is then removed with the rest if a later step of that work fails
    * (directly, under the instance's lock: no nested delete operation).
+   * The instance is created on this host: a `target` naming another host is HF_ERR_HOST_NOT_FOUND
+   * (a clustered daemon forwards such a request before it gets here).
    */
-  async create(body: unknown, caller?: { undo: UndoStack; ctx: OperationContext }): Promise<Instance> {
+  async create(body: unknown, caller?: CreateCaller): Promise<Instance> {
     const req = parseInput(createInstanceSchema, body);
+    if (req.target !== undefined && req.target !== this.d.hostName) {
+      throw new HfError('HF_ERR_HOST_NOT_FOUND', `no host named "${req.target}": this host is "${this.d.hostName}" and it creates instances on itself only`, {
+        details: { target: req.target, hosts: [this.d.hostName] },
+      });
+    }
     const driver = this.driver(req.type);
     if (await this.records.collection.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
 
@@ -149,9 +167,9 @@ export class InstanceService {
         }
         undo.add('remove instance directory', () => rm(paths.dir, { recursive: true, force: true }));
 
-        const given = typeof body === 'object' && body !== null ? (body as Record<string, unknown>) : {};
         const image = req.image ? await this.d.images.get(req.image) : undefined;
-        const config = this.buildConfig(req, image, { vcpus: given.vcpus !== undefined, memory: given.memory !== undefined });
+        const config = this.buildConfig(req, image, explicitSize(body));
+        const placement = placementRecord(req.group, req.spread, caller?.placementReason);
         const now = new Date().toISOString();
         let inst: Instance = {
           id: randomUUID(),
@@ -166,6 +184,7 @@ export class InstanceService {
           state: 'stopped',
           desired: 'stopped',
           restartCount: 0,
+          ...(placement ? { placement } : {}),
           createdAt: now,
           updatedAt: now,
         };
@@ -182,15 +201,37 @@ export class InstanceService {
         this.d.events.publish('instance.created', { name: inst.name, type: inst.type });
         this.d.log.info('instance created', { name: inst.name, id: inst.id });
         const name = inst.name;
-        caller?.undo.add(`remove the new instance ${name}`, () => this.locks.run(name, 'undo create', () => this.remove(name, caller.ctx)));
+        if (caller?.undo) {
+          const { ctx } = caller;
+          caller.undo.add(`remove the new instance ${name}`, () => this.locks.run(name, 'undo create', () => this.remove(name, ctx)));
+        }
         return created.value;
       }, this.d.log),
     );
   }
 
-  /** The config of a new instance from the request and its image's defaults (pure; disks come from the driver's provision). */
-  private buildConfig(req: CreateInstance, img: ImageRecord | undefined, explicit: { vcpus: boolean; memory: boolean }): InstanceConfig {
-    let boot = req.boot;
+  /**
+   * What placement weighs for a create request: its name, type, size (with its image's defaults,
+   * as the create will take them) and the placement fields. Validates the request as create does.
+   */
+  async placementRequest(body: unknown): Promise<PlacementRequest> {
+    const req = parseInput(createInstanceSchema, body);
+    const image = req.image ? await this.d.images.get(req.image) : undefined;
+    const size = this.sizeOf(req, image, explicitSize(body));
+    return {
+      name: req.name,
+      type: req.type,
+      vcpus: size.vcpus,
+      memoryMiB: size.memoryMiB,
+      target: req.target,
+      group: req.group,
+      spread: req.spread,
+      createStopped: !req.start,
+    };
+  }
+
+  /** The size of a new instance: the request's, or its image's defaults where the user gave none. */
+  private sizeOf(req: CreateInstance, img: ImageRecord | undefined, explicit: { vcpus: boolean; memory: boolean }): { vcpus: number; memoryMiB: number } {
     let vcpus = req.vcpus;
     let memoryMiB = req.memory;
     if (img) {
@@ -201,8 +242,14 @@ export class InstanceService {
       if (!explicit.vcpus && dv && (req.maxVcpus === undefined || dv <= req.maxVcpus)) vcpus = dv;
       if (!explicit.memory && dm && (req.maxMemory === undefined || dm <= req.maxMemory)) memoryMiB = dm;
       if (img.type !== req.type) throw new HfError('HF_ERR_VALIDATION', `image "${img.name}" is for ${img.type}s, not ${req.type}s`);
-      boot ??= img.boot;
     }
+    return { vcpus, memoryMiB };
+  }
+
+  /** The config of a new instance from the request and its image's defaults (pure; disks come from the driver's provision). */
+  private buildConfig(req: CreateInstance, img: ImageRecord | undefined, explicit: { vcpus: boolean; memory: boolean }): InstanceConfig {
+    const { vcpus, memoryMiB } = this.sizeOf(req, img, explicit);
+    let boot = req.boot ?? img?.boot;
     if (!boot && req.type === 'vm') throw new HfError('HF_ERR_VALIDATION', 'give an image or a boot source');
     // Containers boot their image's init; the boot field is unused for them.
     boot ??= { kind: 'disk', firmware: 'bios' };
@@ -225,9 +272,9 @@ export class InstanceService {
   }
 
   /** Create then (optionally) start, as one operation. */
-  async createOperation(body: unknown): Promise<{ instance: Instance; operation?: Operation }> {
+  async createOperation(body: unknown, opts: { placementReason?: string } = {}): Promise<{ instance: Instance; operation?: Operation }> {
     const start = typeof body === 'object' && body !== null && (body as { start?: unknown }).start === true;
-    const inst = await this.create(body);
+    const inst = await this.create(body, { placementReason: opts.placementReason });
     if (!start) return { instance: inst };
     const operation = await this.action(inst.name, 'start');
     return { instance: inst, operation };
@@ -476,4 +523,19 @@ export class InstanceService {
     }
     return v;
   }
+}
+
+/** Which of vcpus and memory the user gave (the others may come from the image's defaults). */
+function explicitSize(body: unknown): { vcpus: boolean; memory: boolean } {
+  const given = typeof body === 'object' && body !== null ? (body as Record<string, unknown>) : {};
+  return { vcpus: given.vcpus !== undefined, memory: given.memory !== undefined };
+}
+
+/** The record's placement field: only what was asked or said, none at all when nothing was. */
+function placementRecord(group: string | undefined, spread: boolean | undefined, reason: string | undefined): Instance['placement'] {
+  const p: NonNullable<Instance['placement']> = {};
+  if (group !== undefined) p.group = group;
+  if (spread !== undefined) p.spread = spread;
+  if (reason !== undefined) p.reason = reason;
+  return Object.keys(p).length > 0 ? p : undefined;
 }

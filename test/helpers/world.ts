@@ -14,6 +14,7 @@ import type { InstanceExtension } from '../../src/services/extensions.js';
 import { ImageService } from '../../src/services/images.js';
 import { InstanceService } from '../../src/services/instances.js';
 import { OperationManager } from '../../src/services/operations.js';
+import { PlacementService, singleHostDirectory } from '../../src/services/placement.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
 
@@ -59,6 +60,7 @@ export async function buildWorld(dir: string, opts: WorldOptions): Promise<TestW
   const paths = new DataPaths(dir);
   const images = new ImageService(store, paths, ops);
   const capacity = opts.capacity ?? { cpus: 4, memoryMiB: 4096 };
+  const overcommit = opts.overcommit ?? { cpu: 1, memory: 1 };
   const plugins = opts.plugins ? await opts.plugins({ store, events, ops }) : {};
   const svc = new InstanceService({
     store,
@@ -70,7 +72,7 @@ export async function buildWorld(dir: string, opts: WorldOptions): Promise<TestW
     hostName: 'h1',
     instancesDir: paths.instancesDir,
     capacity: () => capacity,
-    overcommit: opts.overcommit ?? { cpu: 1, memory: 1 },
+    overcommit,
     stopTimeoutMs: 200,
     consoleLogMaxBytes: 1024,
     extensions: plugins.extensions,
@@ -79,6 +81,7 @@ export async function buildWorld(dir: string, opts: WorldOptions): Promise<TestW
   await plugins.bind?.(svc);
   const services: ApiServices = {
     instances: svc,
+    placement: new PlacementService({ hosts: singleHostDirectory({ hostName: 'h1', capacity: () => capacity, overcommit, instances: () => svc.list() }) }),
     operations: ops,
     images,
     events,

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { HfError } from '../../core/errors.js';
 import { createInstanceSchema, nameSchema, updateInstanceSchema, INSTANCE_TYPES } from '../../core/model/instance.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
@@ -27,19 +28,28 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
   t.add({
     method: 'POST',
     url: '/api/v1/instances',
-    summary: 'Create an instance (and start it when `start` is true: then 202 with the start operation)',
+    summary:
+      'Create an instance (and start it when `start` is true: then 202 with the start operation). Placement picks the host (or `target` names it); the answer says why',
     tag: 'instances',
     body: createInstanceSchema,
-    responses: { 201: '{ instance }', 202: '{ instance, operation }' },
+    responses: { 201: '{ instance, placement }', 202: '{ instance, operation, placement }' },
     handler: async ({ raw }, reply) => {
       // The service validates the raw body itself (same schema) so that it stays callable alone.
-      const { instance, operation } = await svc.instances.createOperation(raw.body);
+      const placement = await svc.placement.choose(await svc.instances.placementRequest(raw.body));
+      if (placement.host !== svc.instances.hostName) {
+        // The seam for clusters: there the create is forwarded to the chosen host. A single host's
+        // directory lists only itself, so until forwarding is wired another host cannot be chosen.
+        throw new HfError('HF_ERR_NOT_CLUSTERED', `placement chose host "${placement.host}", but this daemon is not clustered: it cannot create instances on other hosts`, {
+          details: { placement },
+        });
+      }
+      const { instance, operation } = await svc.instances.createOperation(raw.body, { placementReason: placement.reason });
       if (operation) {
         void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
-        return { instance, operation };
+        return { instance, operation, placement };
       }
       void reply.status(201);
-      return { instance };
+      return { instance, placement };
     },
   });
 

@@ -31,7 +31,10 @@ export function registerInstanceCommands(ctx: CliContext): void {
       .option('--privileged', 'containers: no user namespace (root inside is root on the host)')
       .option('--pids-limit <n>', 'containers: maximum number of processes', (v) => Number(v))
       .option('--network <name>', 'attach a NIC on this network (repeatable: one NIC each)', (v: string, acc: string[]) => [...acc, v], [])
-      .option('--ip <ip>', 'reserve this address for the NIC of the --network at the same position (repeatable)', (v: string, acc: string[]) => [...acc, v], []);
+      .option('--ip <ip>', 'reserve this address for the NIC of the --network at the same position (repeatable)', (v: string, acc: string[]) => [...acc, v], [])
+      .option('--target <host>', 'create it on this host (default: the host placement picks)')
+      .option('--group <name>', 'placement group: its instances prefer different hosts')
+      .option('--spread', 'with --group: never on a host that already holds an instance of the group');
   }
   
   interface InstanceOpts {
@@ -55,6 +58,9 @@ export function registerInstanceCommands(ctx: CliContext): void {
     pidsLimit?: number;
     network: string[];
     ip: string[];
+    target?: string;
+    group?: string;
+    spread?: boolean;
   }
   
   function createBody(image: string | undefined, name: string, o: InstanceOpts, start: boolean): Record<string, unknown> {
@@ -72,6 +78,9 @@ export function registerInstanceCommands(ctx: CliContext): void {
     if (o.restartPolicy) body.restartPolicy = o.restartPolicy;
     if (o.autostart) body.autostart = true;
     if (o.description) body.description = o.description;
+    if (o.target !== undefined) body.target = o.target;
+    if (o.group !== undefined) body.group = o.group;
+    if (o.spread) body.spread = true;
     if (o.kernel) body.boot = { kind: 'kernel', kernel: o.kernel, initrd: o.initrd, cmdline: o.cmdline ?? '' };
     if (o.ip.length > o.network.length) throw new ApiError(400, 'HF_ERR_VALIDATION', 'each --ip belongs to a --network (give as many --network as --ip)');
     if (o.network.length) body.nics = o.network.map((network, i) => (o.ip[i] ? { network, ip: o.ip[i] } : { network }));
@@ -157,6 +166,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
           `Type:           ${i.type}`,
           `State:          ${i.state}${i.runtime ? ` (pid ${i.runtime.pid}, ${i.runtime.accel ?? ''}, since ${i.runtime.startedAt})` : ''}`,
           `Host:           ${i.host}`,
+          ...(i.placement ? [`Placement:      ${placementLine(i.placement)}`] : []),
           `Image:          ${i.image ?? '-'}`,
           `vCPUs:          ${c.vcpus}${c.maxVcpus ? ` (max ${c.maxVcpus})` : ''}`,
           `Memory:         ${formatMiB(c.memoryMiB)}${c.maxMemoryMiB ? ` (max ${formatMiB(c.maxMemoryMiB)})` : ''}`,
@@ -304,4 +314,12 @@ export function registerInstanceCommands(ctx: CliContext): void {
   }
   
   
+}
+
+/** The `info` line of an instance's placement: its group (and spread), then why it went where it is. */
+export function placementLine(p: NonNullable<Instance['placement']>): string {
+  const parts: string[] = [];
+  if (p.group !== undefined) parts.push(`group ${p.group}${p.spread ? ' (spread: one per host)' : ''}`);
+  if (p.reason) parts.push(p.reason);
+  return parts.join('; ') || '-';
 }

@@ -112,9 +112,13 @@ export const createInstanceSchema = z
     autostart: z.boolean().default(false),
     start: z.boolean().default(false).describe('start the instance once created (what `launch` does)'),
     description: z.string().max(1024).default(''),
+    target: z.string().min(1).max(253).optional().describe('the host to create it on (default: the one placement picks)'),
+    group: nameSchema.optional().describe('placement group: its instances prefer different hosts'),
+    spread: z.boolean().optional().describe('with a group: never on a host that already holds an instance of the group'),
   })
   .strict()
   .superRefine((v, ctx) => {
+    if (v.spread && v.group === undefined) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['spread'], message: 'spread needs a group (give group as well)' });
     if (v.type === 'vm' && !Number.isInteger(v.vcpus)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['vcpus'], message: 'vcpus of a VM must be a whole number' });
     if (v.memory < 16) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['memory'], message: `memory must be at least 16 MiB (got ${v.memory} MiB)` });
     if (v.maxVcpus !== undefined && v.maxVcpus < v.vcpus) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['maxVcpus'], message: 'maxVcpus must be at least vcpus' });
@@ -202,6 +206,10 @@ export const instanceSchema = z.object({
     .object({ at: z.string(), reason: z.string(), clean: z.boolean() })
     .optional(),
   restartCount: z.number().int().default(0),
+  /** How the instance was placed (absent on records older than placement, and when nothing was asked or said). */
+  placement: z
+    .object({ group: z.string().optional(), spread: z.boolean().optional(), reason: z.string().optional() })
+    .optional(),
   createdAt: z.string(),
   updatedAt: z.string(),
 });
