@@ -23,6 +23,7 @@ import { LinuxNetHost } from '../network/host.js';
 import { NetNames, tagFor } from '../network/names.js';
 import { OperationManager } from '../services/operations.js';
 import { PlacementService, singleHostDirectory } from '../services/placement.js';
+import type { PlacementHost } from '../core/placement.js';
 import type { InstanceExtension } from '../services/extensions.js';
 import { SnapshotService } from '../services/snapshots.js';
 import { CopyService, ImageTransferService, StorageService } from '../services/storage/index.js';
@@ -127,9 +128,10 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     consoleLogMaxBytes: config.consoleLogMaxBytes,
   });
 
-  const placement = new PlacementService({
-    hosts: singleHostDirectory({ hostName: config.hostName, capacity: hostCapacity, overcommit: config.overcommit, instances: () => instances.list() }),
-  });
+  const oneHost = singleHostDirectory({ hostName: config.hostName, capacity: hostCapacity, overcommit: config.overcommit, instances: () => instances.list() });
+  // In a cluster every member is a candidate (the cluster service knows them); alone, this host.
+  let clusterHosts: (() => Promise<PlacementHost[]>) | undefined;
+  const placement = new PlacementService({ hosts: () => (clusterHosts ?? oneHost)() });
 
   const storageLog = log.child({ component: 'storage' });
   const storage = new StorageService({ store, defaultPoolPath: paths.root, instances, images, events, log: storageLog });
@@ -174,6 +176,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
       ? new ClusterService({ store, hostName: config.hostName, members, instances, etcd: cluster.membership, leaseTtl: cluster.config.leaseTtl, pkiDir: cluster.paths.pkiDir, log: log.child({ component: 'cluster' }) })
       : undefined;
   if (members) await members.start();
+  if (clusterService) clusterHosts = () => clusterService.placementHosts();
 
   // Did the host boot since we last ran? Then autostart instances start.
   const hostKey = `/hosts/${config.hostName}`;

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
 import type { Instance } from '../../core/model/instance.js';
+import type { PlacementHost } from '../../core/placement.js';
 import { networkSchema, ipReservationSchema, type Network, type IpReservation } from '../../network/model.js';
 import { fingerprint, signHostCert } from '../../cluster/pki.js';
 import { decodeJoinToken, encodeJoinToken, hashSecret, newJoinToken, secretMatches, tokenExpired } from '../../cluster/token.js';
@@ -246,6 +247,18 @@ export class ClusterService {
     await this.o.store.delete(`/cluster/members/${name}`);
     await this.o.store.delete(`/cluster/alive/${name}`);
     this.o.log.info('host removed', { host: name, force: !!opts.force, instances: held.length });
+  }
+
+  /** Every member as the scheduler sees it: state, capacity, what its active instances commit, its groups. */
+  async placementHosts(): Promise<PlacementHost[]> {
+    const insts = await this.o.instances.list();
+    const views = await this.o.members.views(insts);
+    const members = new Map((await this.o.members.list()).map((m) => [m.name, m]));
+    return views.map((v) => {
+      const groups: Record<string, number> = {};
+      for (const i of insts) if (i.host === v.name && i.placement?.group) groups[i.placement.group] = (groups[i.placement.group] ?? 0) + 1;
+      return { name: v.name, state: v.state, cpus: v.cpus, memoryMiB: v.memoryMiB, overcommit: members.get(v.name)?.overcommit ?? { cpu: 1, memory: 1 }, committed: v.allocated, groups };
+    });
   }
 
   /** Which host holds this instance (undefined when there is no such instance). */
