@@ -6,22 +6,25 @@
 #   scripts/cluster-sandbox.sh up N [--ttl SECONDS]   start N hosts and form the cluster
 #   scripts/cluster-sandbox.sh pid HOST               the daemon pid of HOST (h1, h2, …)
 #   scripts/cluster-sandbox.sh start HOST             start HOST's daemon again (after a kill)
+#   scripts/cluster-sandbox.sh add HOST               one more host (h4…) with a daemon, in no cluster yet
 #   scripts/cluster-sandbox.sh cli HOST ARGS…         run the hyperfold CLI against HOST
 #   scripts/cluster-sandbox.sh down                   stop everything and remove all it made
 #
 # Environment: HYPERFOLD_SANDBOX_DIR (default /dev/shm/hyperfold-sandbox: etcd wants fast disks),
 # HYPERFOLD_SANDBOX_NET (default 10.213.0: host i is .i, the switch .254),
+# HYPERFOLD_SANDBOX_PREFIX (default hfsb: names of the namespaces and links),
 # HYPERFOLD_SANDBOX_IMAGE (a built tiny image directory to copy in instead of building one per host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 BASE="${HYPERFOLD_SANDBOX_DIR:-/dev/shm/hyperfold-sandbox}"
 NET="${HYPERFOLD_SANDBOX_NET:-10.213.0}"
-SWITCH=hfsb-sw0
+P="${HYPERFOLD_SANDBOX_PREFIX:-hfsb}"   # names of namespaces and links (two sandboxes need two prefixes)
+SWITCH="$P-sw0"
 CLI=("$(command -v node)" "$ROOT/bin/hyperfold.js")
 
 die() { echo "cluster-sandbox: $*" >&2; exit 1; }
-ns() { echo "hfsb-$1"; }
+ns() { echo "$P-$1"; }
 hosts() { [ -d "$BASE" ] && find "$BASE" -mindepth 1 -maxdepth 1 -type d -name 'h*' -printf '%f\n' | sort -V || true; }
 cli() { local h="$1"; shift; "${CLI[@]}" --data-dir "$BASE/$h" "$@"; }
 
@@ -58,20 +61,8 @@ up() {
   ip addr add "$NET.254/24" dev "$SWITCH"
   ip link set "$SWITCH" up
   for i in $(seq 1 "$n"); do
-    local h="h$i" dir="$BASE/h$i"
-    mkdir -p "$dir"
-    ip netns add "$(ns "$h")"
-    ip link add "hfsb-$h" type veth peer name eth0 netns "$(ns "$h")"
-    ip link set "hfsb-$h" master "$SWITCH" up
-    ip -n "$(ns "$h")" link set lo up
-    ip -n "$(ns "$h")" addr add "$NET.$i/24" dev eth0
-    ip -n "$(ns "$h")" link set eth0 up
-    ip -n "$(ns "$h")" route add default via "$NET.254"
-    if [ -n "${HYPERFOLD_SANDBOX_IMAGE:-}" ]; then
-      mkdir -p "$dir/images/tiny"
-      cp -a "$HYPERFOLD_SANDBOX_IMAGE/." "$dir/images/tiny/"
-    fi
-    start_daemon "$h"
+    make_host "h$i"
+    start_daemon "h$i"
   done
   cli h1 cluster init --name sandbox --address "$NET.1" --lease-ttl "$ttl" >/dev/null
   for i in $(seq 2 "$n"); do
@@ -80,8 +71,28 @@ up() {
     cli "h$i" cluster join "https://$NET.1:8444" --token "$token" --address "$NET.$i" >/dev/null
   done
   for i in $(seq 1 "$n"); do
-    echo "h$i url=http://$NET.$i:8443 token=$(cat "$BASE/h$i/admin.token") data=$BASE/h$i pid=$(cat "$BASE/h$i/daemon.pid")"
+    describe "h$i"
   done
+}
+
+describe() { echo "$1 url=http://$NET.${1#h}:8443 token=$(cat "$BASE/$1/admin.token") data=$BASE/$1 pid=$(cat "$BASE/$1/daemon.pid")"; }
+
+# A host's namespace on the switch, its data directory and (optionally) the tiny image.
+make_host() {
+  local h="$1" i="${1#h}" dir="$BASE/$1"
+  [[ "$i" =~ ^[1-9][0-9]?$ ]] || die "host names are h1 … h99"
+  mkdir -p "$dir"
+  ip netns add "$(ns "$h")"
+  ip link add "$P-$h" type veth peer name eth0 netns "$(ns "$h")"
+  ip link set "$P-$h" master "$SWITCH" up
+  ip -n "$(ns "$h")" link set lo up
+  ip -n "$(ns "$h")" addr add "$NET.$i/24" dev eth0
+  ip -n "$(ns "$h")" link set eth0 up
+  ip -n "$(ns "$h")" route add default via "$NET.254"
+  if [ -n "${HYPERFOLD_SANDBOX_IMAGE:-}" ]; then
+    mkdir -p "$dir/images/tiny"
+    cp -a "$HYPERFOLD_SANDBOX_IMAGE/." "$dir/images/tiny/"
+  fi
 }
 
 down() {
@@ -101,7 +112,7 @@ down() {
   done
   for h in $(hosts); do
     ip netns del "$(ns "$h")" 2>/dev/null || true
-    ip link del "hfsb-$h" 2>/dev/null || true
+    ip link del "$P-$h" 2>/dev/null || true
   done
   ip link del "$SWITCH" 2>/dev/null || true
   # Mounts a daemon left (container root filesystems) go before the files.
@@ -115,7 +126,8 @@ case "${1:-}" in
   up) shift; [ $# -ge 1 ] || die "usage: $0 up N [--ttl SECONDS]"; up "$@" ;;
   down) down ;;
   pid) [ -n "${2:-}" ] || die "usage: $0 pid HOST"; cat "$BASE/$2/daemon.pid" ;;
-  start) [ -n "${2:-}" ] || die "usage: $0 start HOST"; start_daemon "$2"; echo "$2 pid=$(cat "$BASE/$2/daemon.pid")" ;;
+  start) [ -n "${2:-}" ] || die "usage: $0 start HOST"; start_daemon "$2"; describe "$2" ;;
+  add) [ -n "${2:-}" ] || die "usage: $0 add HOST"; [ -d "$BASE/$2" ] && die "$2 exists"; make_host "$2"; start_daemon "$2"; describe "$2" ;;
   cli) [ -n "${2:-}" ] || die "usage: $0 cli HOST ARGS…"; h="$2"; shift 2; cli "$h" "$@" ;;
-  *) die "usage: $0 up N [--ttl S] | down | pid HOST | start HOST | cli HOST ARGS…" ;;
+  *) die "usage: $0 up N [--ttl S] | down | pid HOST | start HOST | add HOST | cli HOST ARGS…" ;;
 esac

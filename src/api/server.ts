@@ -116,6 +116,15 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     void reply.status(e.status).send({ error: e.toJSON() });
   });
 
+  // A cluster member that lost its store still answers reads from its caches: it marks them stale.
+  if (svc.stale) {
+    const stale = svc.stale;
+    app.addHook('onSend', async (_req, reply, payload) => {
+      if (stale()) void reply.header('x-hyperfold-stale', 'true');
+      return payload;
+    });
+  }
+
   app.setNotFoundHandler((req, reply) => {
     void reply.status(404).send({ error: { code: 'HF_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}` } });
   });

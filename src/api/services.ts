@@ -29,6 +29,8 @@ export interface ApiServices {
   snapshots?: SnapshotService;
   /** Networks, NICs, firewall, port forwards (absent in tests that do not need them). */
   networks?: NetworkService;
+  /** True while the cluster's store cannot be reached: answers then come from local caches and say so (X-Hyperfold-Stale). */
+  stale?: () => boolean;
   /** The cluster verbs (init, join, token, members, backup); always present, answers "not clustered" on a single host. */
   clusterControl?: ClusterControl;
 }

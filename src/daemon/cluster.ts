@@ -11,7 +11,8 @@ import { HfError, isHfError } from '../core/errors.js';
 import { ClusterPaths, ETCD_CLIENT_PORT, ETCD_PEER_PORT, ETCD_PREFIX, readClusterConfig, removeClusterDir, writeClusterConfig, type ClusterConfig } from '../cluster/config.js';
 import { EtcdSupervisor, addMember, removeMember, snapshot } from '../cluster/etcd-process.js';
 import { fetchPinnedCa, requestJoin } from '../cluster/join-client.js';
-import { createCa, createHostKeyAndCsr, signHostCert, writeHostPki, readHostPki, fingerprint } from '../cluster/pki.js';
+import { createCa, createHostKeyAndCsr, signHostCert, writeHostPki, readHostPki, fingerprint, hostPkiPaths } from '../cluster/pki.js';
+import { parseInitialCluster } from '../cluster/etcd-args.js';
 import { decodeJoinToken, tokenExpired } from '../cluster/token.js';
 import type { JoinAnswer, JoinManifest, EtcdMembership } from '../services/cluster/service.js';
 import { EtcdStateStore } from '../state/etcd-store.js';
@@ -40,19 +41,24 @@ export function etcdUrls(address: string): { clientUrl: string; peerUrl: string 
   return { clientUrl: `https://${h}:${ETCD_CLIENT_PORT}`, peerUrl: `https://${h}:${ETCD_PEER_PORT}` };
 }
 
-function newSupervisor(paths: ClusterPaths, config: Pick<ClusterConfig, 'hostName' | 'address' | 'etcd'>, log: Logger): EtcdSupervisor {
+async function newSupervisor(paths: ClusterPaths, config: Pick<ClusterConfig, 'hostName' | 'address' | 'etcd' | 'clusterName'>, log: Logger): Promise<EtcdSupervisor> {
   const { clientUrl, peerUrl } = etcdUrls(config.address);
-  return new EtcdSupervisor({
-    name: config.hostName,
-    dataDir: paths.etcdDir,
-    clientUrls: [clientUrl],
-    peerUrls: [peerUrl],
-    initialCluster: config.etcd.initialCluster ?? `${config.hostName}=${peerUrl}`,
-    initialState: config.etcd.initialState ?? 'new',
-    tls: { certFile: join(paths.pkiDir, 'host.crt'), keyFile: join(paths.pkiDir, 'host.key'), caFile: join(paths.pkiDir, 'ca.crt') },
-    logFile: paths.etcdLog,
-    log,
-  });
+  const pki = await readHostPki(paths.pkiDir);
+  if (!pki) throw new HfError('HF_ERR_DATA_DIR', `the cluster certificates are missing from ${paths.pkiDir}`);
+  const p = hostPkiPaths(paths.pkiDir);
+  return new EtcdSupervisor(
+    {
+      name: config.hostName,
+      dataDir: paths.etcdDir,
+      clientUrls: [clientUrl],
+      peerUrls: [peerUrl],
+      initialCluster: parseInitialCluster(config.etcd.initialCluster ?? `${config.hostName}=${peerUrl}`),
+      state: config.etcd.initialState ?? 'new',
+      clusterToken: config.clusterName,
+      tls: { certFile: p.cert, keyFile: p.key, caFile: p.ca },
+    },
+    { pki, logFile: paths.etcdLog, log },
+  );
 }
 
 async function clientTls(paths: ClusterPaths, config: ClusterConfig): Promise<{ ca: string; cert: string; key: string }> {
@@ -61,6 +67,7 @@ async function clientTls(paths: ClusterPaths, config: ClusterConfig): Promise<{ 
     return { ca: ca!, cert: cert!, key: key! };
   }
   const pki = await readHostPki(paths.pkiDir);
+  if (!pki) throw new HfError('HF_ERR_DATA_DIR', `the cluster certificates are missing from ${paths.pkiDir}`);
   return { ca: pki.caPem, cert: pki.certPem, key: pki.keyPem };
 }
 
@@ -74,7 +81,7 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
   }
   let supervisor: EtcdSupervisor | undefined;
   if (config.etcd.managed && config.etcd.member) {
-    supervisor = newSupervisor(paths, config, log.child({ component: 'etcd' }));
+    supervisor = await newSupervisor(paths, config, log.child({ component: 'etcd' }));
     await supervisor.start();
   }
   let etcdStore: EtcdStateStore;
@@ -192,7 +199,7 @@ export async function initCluster(dataDir: string, daemon: DaemonConfig, req: In
       joinedAt: new Date().toISOString(),
     };
     if (config.etcd.managed) {
-      supervisor = newSupervisor(paths, config, log.child({ component: 'etcd' }));
+      supervisor = await newSupervisor(paths, config, log.child({ component: 'etcd' }));
       await supervisor.start();
     }
     store = await EtcdStateStore.open({ endpoints: config.etcd.endpoints, tls: await clientTls(paths, config), prefix: ETCD_PREFIX });

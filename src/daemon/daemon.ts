@@ -203,6 +203,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     containers,
     networks,
     version: VERSION,
+    ...(cluster ? { stale: () => !cluster.etcdStore.isAvailable() } : {}),
     clusterControl: {
       status: async () => {
         if (!cluster || !clusterService) return { clustered: false, host: config.hostName };
