@@ -1,4 +1,5 @@
 // What the API layer needs from the daemon: passed in, never reached through globals.
+import type { ClusterRouting } from './forward.js';
 import type { ContainerService } from '../services/containers.js';
 import type { EventBus } from '../services/events.js';
 import type { HostInfo } from '../core/model/host.js';
@@ -25,4 +26,6 @@ export interface ApiServices {
   snapshots?: SnapshotService;
   /** Networks, NICs, firewall, port forwards (absent in tests that do not need them). */
   networks?: NetworkService;
+  /** Where instances and operations live in a cluster: requests about another host's go there (absent on a single host). */
+  cluster?: ClusterRouting;
 }
