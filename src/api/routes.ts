@@ -20,7 +20,7 @@ export interface RouteSpec<B = unknown, Q = unknown, P = unknown> {
   responses: Record<number, string>;
   /** Documented here but served by a streaming handler registered elsewhere (SSE, websocket). */
   docOnly?: boolean;
-  handler: (req: { body: B; query: Q; params: P; raw: FastifyRequest }, reply: FastifyReply) => Promise<unknown>;
+  handler: (req: { body: B; query: Q; params: P; raw: FastifyRequest; forward?: ForwardTo }, reply: FastifyReply) => Promise<unknown>;
 }
 
 /**
@@ -29,6 +29,14 @@ export interface RouteSpec<B = unknown, Q = unknown, P = unknown> {
  * that long, as usual (202). One round trip instead of a POST and a GET.
  */
 export const waitQuery = z.object({ wait: z.coerce.number().min(0).max(3600).optional() }).passthrough();
+
+/** In a cluster: sends this request, with `body` as its JSON body, to another host and streams its answer back. */
+export type ForwardTo = (host: string, body: unknown, headers?: Record<string, string>) => Promise<void>;
+
+/** What can send a request that a route has read to another host (the cluster's Forwarder). */
+export interface RequestSender {
+  send(host: string, req: FastifyRequest, reply: FastifyReply, body: unknown, headers?: Record<string, string>): Promise<void>;
+}
 
 export interface OperationWaiter {
   wait(id: string, timeoutMs: number): Promise<Operation>;
@@ -44,7 +52,7 @@ export class RouteTable {
     this.routes.push(spec as unknown as RouteSpec);
   }
 
-  register(app: FastifyInstance, operations: OperationWaiter): void {
+  register(app: FastifyInstance, operations: OperationWaiter, sender?: RequestSender): void {
     for (const r of this.routes) {
       if (r.docOnly) continue;
       const waits = startsOperations(r);
@@ -56,7 +64,8 @@ export class RouteTable {
           const query = r.query ? parseInput(r.query, req.query ?? {}, 'query') : req.query;
           const params = r.params ? parseInput(r.params, req.params ?? {}, 'path') : req.params;
           const wait = waits ? (parseInput(waitQuery, req.query ?? {}, 'query') as { wait?: number }).wait : undefined;
-          const out = await r.handler({ body, query, params, raw: req }, reply);
+          const forward: ForwardTo | undefined = sender ? (host, b, h) => sender.send(host, req, reply, b, h) : undefined;
+          const out = await r.handler({ body, query, params, raw: req, ...(forward ? { forward } : {}) }, reply);
           if (reply.sent) return reply;
           if (wait && reply.statusCode === 202 && isOperationAnswer(out)) {
             const done = await operations.wait(out.operation.id, wait * 1000);

@@ -1,12 +1,17 @@
-// The REST API under /api/v1 (Fastify). Two listeners share one route table: TCP, which
-// requires the bearer token, and a root-only unix socket in the data directory, which does not.
+// The REST API under /api/v1 (Fastify). Listeners share one route table: TCP, which requires the
+// bearer token; a root-only unix socket in the data directory, which does not; and in a cluster
+// the cluster listener (HTTPS), where a client certificate signed by the cluster CA stands for
+// the token. In a cluster, a request about another host's instance or operation is forwarded to
+// that host (forward.ts).
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import websocket from '@fastify/websocket';
 import { timingSafeEqual } from 'node:crypto';
+import type { TLSSocket } from 'node:tls';
 import { z } from 'zod';
 import { HfError, toHfError } from '../core/errors.js';
 import type { ExecSession } from '../drivers/driver.js';
 import type { Logger } from '../util/log.js';
+import { Forwarder, forwardRules, type ClusterTls, type WebsocketHandler } from './forward.js';
 import { buildOpenApi } from './openapi.js';
 import { RouteTable } from './routes.js';
 import { PUBLIC_CLUSTER_ROUTES, registerClusterRoutes } from './routes/cluster.js';
@@ -22,6 +27,13 @@ export interface ApiOptions {
   token?: string;
   log: Logger;
   version: string;
+  /**
+   * Makes this app the cluster listener: HTTPS with the host's certificate, asking clients for
+   * theirs. A request whose certificate chains to the cluster CA is authenticated (another host
+   * forwarding); without a certificate the bearer token is required (none configured: refused);
+   * a certificate the CA did not sign is refused.
+   */
+  clusterTls?: ClusterTls;
 }
 
 export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
@@ -78,14 +90,32 @@ export function buildRouteTable(svc: ApiServices, version: string): RouteTable {
 export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<FastifyInstance> {
   // Fastify logs through our pino (its own warnings and errors only: requests are not logged).
   const pinoLog: FastifyBaseLogger | undefined = opts.log.pino?.child({ component: 'api' }, { level: 'warn' });
-  const app = Fastify({ ...(pinoLog ? { loggerInstance: pinoLog } : { logger: false }), disableRequestLogging: true, bodyLimit: 4 * 1024 * 1024, forceCloseConnections: true });
+  const tls = opts.clusterTls;
+  // The certificate is checked in the hook below, not in the handshake: a client without one may still bring the token.
+  const https = tls ? { https: { ca: tls.ca, cert: tls.cert, key: tls.key, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' as const } } : {};
+  const app = Fastify({
+    ...(pinoLog ? { loggerInstance: pinoLog } : { logger: false }),
+    ...https,
+    disableRequestLogging: true,
+    bodyLimit: 4 * 1024 * 1024,
+    forceCloseConnections: true,
+  }) as unknown as FastifyInstance;
   await app.register(websocket);
 
   app.addHook('onRequest', async (req) => {
-    if (!opts.token) return;
-    if (req.url === '/api/v1/openapi.json' || req.url === '/' ) return;
+    if (req.url === '/api/v1/openapi.json' || req.url === '/') return;
     // A joining host has neither the token nor a certificate yet: the join token in the body is its credential.
     if (PUBLIC_CLUSTER_ROUTES.has(`${req.method} ${req.url.split('?')[0]}`)) return;
+    if (tls) {
+      const socket = req.raw.socket as Partial<TLSSocket>;
+      if (socket.authorized === true) return;
+      const peer = socket.getPeerCertificate?.();
+      if (peer && Object.keys(peer).length > 0) {
+        throw new HfError('HF_ERR_UNAUTHORIZED', `client certificate refused: not signed by this cluster's CA (${String(socket.authorizationError)})`);
+      }
+      if (!opts.token) throw new HfError('HF_ERR_UNAUTHORIZED', "this listener requires a client certificate signed by the cluster's CA");
+    }
+    if (!opts.token) return;
     const header = req.headers.authorization;
     let given: string | undefined;
     if (header?.startsWith('Bearer ')) given = header.slice(7).trim();
@@ -129,13 +159,24 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     void reply.status(404).send({ error: { code: 'HF_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}` } });
   });
 
-  buildRouteTable(svc, opts.version).register(app, svc.operations);
-  registerStreamRoutes(app, svc);
+  const table = buildRouteTable(svc, opts.version);
+  // In a cluster, after the authentication above: requests about another host's records go there.
+  let forwarder: Forwarder | undefined;
+  if (svc.cluster) {
+    const f = new Forwarder(svc.cluster, forwardRules(table.routes));
+    app.addHook('onRequest', f.onRequest);
+    app.addHook('onClose', async () => f.close());
+    forwarder = f;
+  }
+  table.register(app, svc.operations, forwarder);
+  registerStreamRoutes(app, svc, forwarder);
   return app;
 }
 
 /** Routes that hold a connection open: the event stream (SSE) and the console (websocket). */
-function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
+function registerStreamRoutes(app: FastifyInstance, svc: ApiServices, forwarder: Forwarder | undefined): void {
+  // A websocket forwarded to another host is relayed there instead of served here.
+  const ws = (handler: WebsocketHandler): WebsocketHandler => (forwarder ? forwarder.websocket(handler) : handler);
   app.get('/api/v1/events', async (req, reply) => {
     const q = req.query as { since?: string; types?: string };
     const types = q.types ? new Set(q.types.split(',')) : undefined;
@@ -157,7 +198,7 @@ function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
     });
   });
 
-  app.get('/api/v1/instances/:name/console', { websocket: true }, async (socket, req) => {
+  app.get('/api/v1/instances/:name/console', { websocket: true }, ws(async (socket, req) => {
     const { name } = req.params as { name: string };
     // Input can arrive before the console is attached: queue it instead of losing it.
     const queued: Buffer[] = [];
@@ -183,9 +224,9 @@ function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
       socket.send(JSON.stringify({ error: err.toJSON() }));
       socket.close(4000 + Math.min(999, err.status), err.code);
     }
-  });
+  }));
 
-  app.get('/api/v1/containers/:name/exec', { websocket: true }, (socket, req) => {
+  app.get('/api/v1/containers/:name/exec', { websocket: true }, ws((socket, req) => {
     const { name } = req.params as { name: string };
     const fail = (e: unknown): void => {
       const err = toHfError(e);
@@ -240,5 +281,5 @@ function registerStreamRoutes(app: FastifyInstance, svc: ApiServices): void {
     });
     // The client went away: the command goes with it (like a terminal hanging up).
     socket.on('close', () => session?.kill('SIGHUP'));
-  });
+  }));
 }

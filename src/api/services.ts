@@ -1,4 +1,5 @@
 // What the API layer needs from the daemon: passed in, never reached through globals.
+import type { ClusterRouting } from './forward.js';
 import type { ContainerService } from '../services/containers.js';
 import type { EventBus } from '../services/events.js';
 import type { HostInfo } from '../core/model/host.js';
@@ -31,6 +32,8 @@ export interface ApiServices {
   networks?: NetworkService;
   /** True while the cluster's store cannot be reached: answers then come from local caches and say so (X-Hyperfold-Stale). */
   stale?: () => boolean;
+  /** Where instances and operations live in a cluster: requests about another host's go there (absent on a single host). */
+  cluster?: ClusterRouting;
   /** The cluster verbs (init, join, token, members, backup); always present, answers "not clustered" on a single host. */
   clusterControl?: ClusterControl;
 }

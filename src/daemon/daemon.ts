@@ -204,6 +204,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     networks,
     version: VERSION,
     ...(cluster ? { stale: () => !cluster.etcdStore.isAvailable() } : {}),
+    ...(clusterService ? { cluster: clusterService } : {}),
     clusterControl: {
       status: async () => {
         if (!cluster || !clusterService) return { clustered: false, host: config.hostName };
@@ -265,16 +266,24 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   try {
     await tcpApp.listen({ host: config.listenHost, port: config.listenPort });
     listening.push(tcpApp);
+    if (cluster && clusterService) {
+      // The other hosts' way in: forwarded requests (mutual TLS with the cluster's certificates) and joins.
+      const clusterApp = await buildApp(services, { token, log, version: VERSION, clusterTls: await clusterService.tls() });
+      await clusterApp.listen({ host: cluster.config.address, port: cluster.config.clusterPort });
+      listening.push(clusterApp);
+    }
     await rm(paths.socket, { force: true });
     await unixApp.listen({ path: paths.socket });
     listening.push(unixApp);
     await chmod(paths.socket, 0o600);
   } catch (e) {
     for (const a of listening) await a.close();
-    await store.close();
+    await members?.close();
+    if (cluster) await cluster.close();
+    else await store.close();
     lock.release();
     const err = e as NodeJS.ErrnoException;
-    throw new HfError('HF_ERR_INTERNAL', `cannot listen on ${config.listenHost}:${config.listenPort}: ${err.message}`, { cause: e });
+    throw new HfError('HF_ERR_INTERNAL', `cannot listen (API ${config.listenHost}:${config.listenPort}${cluster ? `, cluster ${cluster.config.address}:${cluster.config.clusterPort}` : ''}): ${err.message}`, { cause: e });
   }
   const addr = tcpApp.server.address();
   const port = typeof addr === 'object' && addr ? addr.port : config.listenPort;

@@ -2,6 +2,10 @@ import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
 import { createInstanceSchema, nameSchema, updateInstanceSchema, INSTANCE_TYPES } from '../../core/model/instance.js';
 import type { RouteTable } from '../routes.js';
+import { FORWARDED_BY } from '../forward.js';
+
+/** A create forwarded by the host whose scheduler chose this one carries the reason it was chosen. */
+const PLACEMENT_REASON = 'x-hyperfold-placement-reason';
 import type { ApiServices } from '../services.js';
 
 const nameParams = z.object({ name: z.string() });
@@ -33,17 +37,23 @@ export function registerInstanceRoutes(t: RouteTable, svc: ApiServices): void {
     tag: 'instances',
     body: createInstanceSchema,
     responses: { 201: '{ instance, placement }', 202: '{ instance, operation, placement }' },
-    handler: async ({ raw }, reply) => {
+    handler: async ({ raw, forward }, reply) => {
       // The service validates the raw body itself (same schema) so that it stays callable alone.
       const placement = await svc.placement.choose(await svc.instances.placementRequest(raw.body));
       if (placement.host !== svc.instances.hostName) {
-        // The seam for clusters: there the create is forwarded to the chosen host. A single host's
-        // directory lists only itself, so until forwarding is wired another host cannot be chosen.
-        throw new HfError('HF_ERR_NOT_CLUSTERED', `placement chose host "${placement.host}", but this daemon is not clustered: it cannot create instances on other hosts`, {
-          details: { placement },
-        });
+        // In a cluster the create goes to the chosen host (which checks the fit again as its target),
+        // with the reason it was chosen; a single host's directory lists only itself.
+        if (!forward) {
+          throw new HfError('HF_ERR_NOT_CLUSTERED', `placement chose host "${placement.host}", but this daemon is not clustered: it cannot create instances on other hosts`, {
+            details: { placement },
+          });
+        }
+        await forward(placement.host, { ...(raw.body as object), target: placement.host }, { [PLACEMENT_REASON]: encodeURIComponent(placement.reason) });
+        return undefined;
       }
-      const { instance, operation } = await svc.instances.createOperation(raw.body, { placementReason: placement.reason });
+      const given = raw.headers[PLACEMENT_REASON];
+      const reason = typeof given === 'string' && raw.headers[FORWARDED_BY] !== undefined ? decodeURIComponent(given) : placement.reason;
+      const { instance, operation } = await svc.instances.createOperation(raw.body, { placementReason: reason });
       if (operation) {
         void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
         return { instance, operation, placement };

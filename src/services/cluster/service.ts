@@ -96,6 +96,11 @@ export class ClusterService {
     return this.o.hostName;
   }
 
+  /** This host (the API's forwarding asks: is the record's host this one?). */
+  get localHost(): string {
+    return this.o.hostName;
+  }
+
   get members(): ClusterMembers {
     return this.o.members;
   }
