@@ -12,6 +12,8 @@ import type { Instance } from '../../src/core/model/instance.js';
 import { createCa, createHostKeyAndCsr, verifyChain, writeHostPki, signHostCert } from '../../src/cluster/pki.js';
 import { decodeJoinToken, encodeJoinToken, hashSecret, newJoinToken } from '../../src/cluster/token.js';
 import { ClusterMembers } from '../../src/services/cluster/members.js';
+import { EtcdHealth, spaceLevel } from '../../src/services/cluster/etcd-health.js';
+import { EventBus } from '../../src/services/events.js';
 import { ClusterService, type JoinRequest } from '../../src/services/cluster/service.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
@@ -216,3 +218,27 @@ async function makeRecord(w: TestWorld, name: string): Promise<Instance> {
   const inst = res.json.instance as Instance;
   return { ...inst, name, id: `${inst.id}-x` };
 }
+
+describe('etcd space alert', () => {
+  it('grades the database size against the quota', () => {
+    assert.equal(spaceLevel({ dbSizeBytes: 10, quotaBytes: 100 }), 'ok');
+    assert.equal(spaceLevel({ dbSizeBytes: 80, quotaBytes: 100 }), 'warning');
+    assert.equal(spaceLevel({ dbSizeBytes: 96, quotaBytes: 100 }), 'critical');
+  });
+
+  it('raises one event per change of level, and one when it is back to ok', async () => {
+    const events = new EventBus('h1');
+    const seen: string[] = [];
+    events.subscribe((ev) => {
+      if (ev.type === 'cluster.etcd-space') seen.push(String(ev.data.level));
+    });
+    let size = 10;
+    const h = new EtcdHealth({ host: 'h1', events, log: silentLogger, space: async () => ({ dbSizeBytes: size, quotaBytes: 100 }) });
+    for (const s of [10, 85, 86, 97, 50]) {
+      size = s;
+      await h.check();
+    }
+    assert.deepEqual(seen, ['warning', 'critical', 'ok']);
+    assert.equal(h.status.space?.dbSizeBytes, 50);
+  });
+});

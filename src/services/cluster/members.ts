@@ -9,7 +9,7 @@ import type { Instance } from '../../core/model/instance.js';
 import { isActive } from '../../core/lifecycle.js';
 import { CachedCollection } from '../../state/cached-collection.js';
 import { Collection } from '../../state/collection.js';
-import type { LeaseId, StateStore } from '../../state/store.js';
+import type { LeaseId, StateStore, Watch } from '../../state/store.js';
 import type { Logger } from '../../util/log.js';
 
 export const memberSchema = z.object({
@@ -124,6 +124,56 @@ export class ClusterMembers {
     if (this.lease && opts.leave !== false) await this.o.store.revoke(this.lease).catch(() => undefined);
     this.members.close();
     this.alive.close();
+  }
+
+  /**
+   * Calls `cb` when the set of members or of online hosts changes (a join, a removal, a host going
+   * offline or coming back), not at every heartbeat. Returns the unsubscribe.
+   */
+  onChange(cb: () => void): () => void {
+    let stopped = false;
+    let w: Watch | undefined;
+    const online = new Set<string>();
+    const follow = () => {
+      w = this.o.store.watch(
+        '/cluster/',
+        (ev) => {
+          if (ev.key.startsWith('/cluster/members/')) return cb();
+          if (!ev.key.startsWith('/cluster/alive/')) return;
+          const host = ev.key.slice('/cluster/alive/'.length);
+          if (ev.type === 'put' && !online.has(host)) {
+            online.add(host);
+            cb();
+          } else if (ev.type === 'delete' && online.delete(host)) cb();
+        },
+        {
+          // A watch that ended (compaction, closed store) starts again; what it missed is a change.
+          onError: (f) => {
+            if (stopped || f.kind === 'closed') return;
+            setTimeout(() => {
+              if (stopped) return;
+              follow();
+              cb();
+            }, 500).unref();
+          },
+        },
+      );
+    };
+    void this.alive.list().then((all) => {
+      for (const a of all) online.add(a.value.host);
+    });
+    follow();
+    return () => {
+      stopped = true;
+      w?.cancel();
+    };
+  }
+
+  /** Online members other than this host, with their addresses (the VXLAN peers). */
+  async onlinePeers(): Promise<{ host: string; address: string }[]> {
+    const out: { host: string; address: string }[] = [];
+    for (const m of await this.list()) if (m.name !== this.o.hostName && (await this.isOnline(m.name))) out.push({ host: m.name, address: m.address });
+    return out;
   }
 
   async list(): Promise<Member[]> {
