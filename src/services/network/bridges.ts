@@ -7,7 +7,6 @@ import { buildDnsmasqArgv } from '../../network/dnsmasq.js';
 import type { LinkInfo } from '../../network/host.js';
 import type { Network } from '../../network/model.js';
 import type { UndoStack } from '../../util/undo.js';
-import { removeVxlan } from '../../network/vxlan.js';
 import type { NetContext } from './context.js';
 import { spans } from './overlay.js';
 
@@ -62,5 +61,5 @@ export async function tearDown(c: NetContext, net: Network): Promise<void> {
   else if (net.mode === 'bridged' && net.uplink && !net.external) await host.setMaster(net.uplink, null, { isolated: false });
   if (!net.external) await host.deleteLink(net.bridge);
   // The tunnel port (a port outlives its bridge); its filter table goes with it.
-  if (net.vni !== undefined) await (c.overlay ? removeVxlan(c.d.names.vxlan(net.name)) : host.deleteLink(c.d.names.vxlan(net.name)));
+  if (net.vni !== undefined) await (c.overlay ? c.overlay.removeTunnel(net.name) : host.deleteLink(c.d.names.vxlan(net.name)));
 }

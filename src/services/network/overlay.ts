@@ -47,6 +47,8 @@ export interface OverlayOptions {
   peers: () => Promise<OverlayPeer[]>;
   /** Registers a callback for any change in the peers (a host joined, left, went offline). */
   onPeersChanged: (cb: () => void) => void;
+  /** The host operations (default: the real ones, network/vxlan.ts); unit tests give a fake. */
+  plumbing?: OverlayPlumbing;
 }
 
 /** The host operations the overlay needs (network/vxlan.ts on the real host; a fake in unit tests). */
@@ -143,7 +145,6 @@ export interface NetworkOverlayDeps extends OverlayOptions {
   store: StateStore;
   names: NetNames;
   log: Logger;
-  plumbing?: OverlayPlumbing;
 }
 
 export class NetworkOverlay {
@@ -283,6 +284,11 @@ export class NetworkOverlay {
     for (const l of links) {
       if (!wanted.has(l) && this.ownsVxlan(l)) await this.plumbing.removeVxlan(l);
     }
+  }
+
+  /** Removes a network's tunnel port and filter (its network is being deleted). */
+  async removeTunnel(network: string): Promise<void> {
+    await this.plumbing.removeVxlan(this.d.names.vxlan(network));
   }
 
   /** Whether an interface is one of this daemon's VXLAN devices. */
