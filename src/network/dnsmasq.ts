@@ -37,7 +37,7 @@ export function dnsmasqFiles(dir: string): DnsmasqFiles {
 export const LEASE_TIME = '1h';
 
 /** The dnsmasq command line (without the binary) for a managed network. */
-export function buildDnsmasqArgv(net: Pick<Network, 'name' | 'mode' | 'subnet' | 'gateway' | 'bridge' | 'domain'>, files: DnsmasqFiles): string[] {
+export function buildDnsmasqArgv(net: Pick<Network, 'name' | 'mode' | 'subnet' | 'gateway' | 'bridge' | 'domain' | 'mtu'>, files: DnsmasqFiles): string[] {
   if (net.mode === 'bridged' || !net.subnet || !net.gateway) {
     throw new HfError('HF_ERR_INTERNAL', `network ${net.name} is not managed by Hyperfold: it has no dnsmasq`);
   }
@@ -64,6 +64,8 @@ export function buildDnsmasqArgv(net: Pick<Network, 'name' | 'mode' | 'subnet' |
     `--dhcp-hostsfile=${files.hostsFile}`,
     `--dhcp-option=option:dns-server,${net.gateway}`,
   ];
+  // Option 26: guests on a network that spans hosts must not send frames the tunnel cannot carry.
+  if (net.mtu !== undefined) args.push(`--dhcp-option=option:mtu,${net.mtu}`);
   if (net.domain) args.push(`--domain=${net.domain}`, `--local=/${net.domain}/`, '--expand-hosts');
   if (net.mode === 'nat') {
     args.push(`--dhcp-option=option:router,${net.gateway}`);

@@ -46,12 +46,15 @@ export interface NetHost {
   /**
    * Creates the bridge if missing, brings it up; with `address` (gw/prefix), routes for it (proxy
    * ARP, forwarding). `current`: the caller's fresh listing of it (null: absent), saving the lookups.
+   * `mtu`: set on the bridge (a network spanning hosts: the underlay's MTU − 50).
    */
-  ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null }): Promise<void>;
+  ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null; mtu?: number | undefined }): Promise<void>;
   setMaster(ifname: string, bridge: string | null, port: PortOptions): Promise<void>;
   deleteLink(name: string): Promise<void>;
-  createTap(name: string): Promise<void>;
-  createVeth(hostSide: string, peer: string): Promise<void>;
+  /** `mtu`: the network's, when it has one. */
+  createTap(name: string, opts?: { mtu?: number | undefined }): Promise<void>;
+  /** Both ends get `mtu` when given (the peer keeps it when it moves into a namespace). */
+  createVeth(hostSide: string, peer: string, opts?: { mtu?: number | undefined }): Promise<void>;
   /** 802.1Q sub-interface of `parent`; HF_ERR_UNSUPPORTED when the kernel has no 802.1Q. */
   createVlan(name: string, parent: string, id: number): Promise<void>;
   listNetns(): Promise<string[]>;
@@ -138,7 +141,7 @@ export class LinuxNetHost implements NetHost {
       .map((x) => ({ dst: x.dst.includes('/') ? x.dst : `${x.dst}/32`, dev: x.dev, table: x.table }));
   }
 
-  async ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null }): Promise<void> {
+  async ensureBridge(name: string, opts: { address?: string | undefined; current?: LinkInfo | null; mtu?: number | undefined }): Promise<void> {
     const exists = opts.current !== undefined ? opts.current !== null : await this.linkExists(name);
     if (!exists) {
       // No STP (nothing to loop with) and no forwarding delay: ports forward at once. A MAC of its
@@ -165,6 +168,8 @@ export class LinuxNetHost implements NetHost {
     }
     // IPv6 is not offered on Hyperfold networks: no link-local address on the host side either.
     await writeFile(`/proc/sys/net/ipv6/conf/${name}/disable_ipv6`, '1').catch(() => undefined);
+    // Set, not left to the kernel: a bridge otherwise takes the smallest MTU of its ports.
+    if (opts.mtu !== undefined) await this.ip(['link', 'set', 'dev', name, 'mtu', String(opts.mtu)]);
     await this.ip(['link', 'set', 'dev', name, 'up']);
   }
 
@@ -186,12 +191,14 @@ export class LinuxNetHost implements NetHost {
     }
   }
 
-  async createTap(name: string): Promise<void> {
+  async createTap(name: string, opts: { mtu?: number | undefined } = {}): Promise<void> {
     await this.ip(['tuntap', 'add', 'dev', name, 'mode', 'tap']);
+    if (opts.mtu !== undefined) await this.ip(['link', 'set', 'dev', name, 'mtu', String(opts.mtu)]);
   }
 
-  async createVeth(hostSide: string, peer: string): Promise<void> {
-    await this.ip(['link', 'add', 'name', hostSide, 'type', 'veth', 'peer', 'name', peer]);
+  async createVeth(hostSide: string, peer: string, opts: { mtu?: number | undefined } = {}): Promise<void> {
+    const mtu = opts.mtu !== undefined ? ['mtu', String(opts.mtu)] : [];
+    await this.ip(['link', 'add', 'name', hostSide, ...mtu, 'type', 'veth', 'peer', 'name', peer, ...mtu]);
   }
 
   async createVlan(name: string, parent: string, id: number): Promise<void> {

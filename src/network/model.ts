@@ -23,6 +23,16 @@ export const networkSchema = z.object({
   external: z.boolean().default(false),
   /** Bridged networks: 802.1Q VLAN id on the uplink. */
   vlan: z.number().int().min(1).max(4094).optional(),
+  /**
+   * Managed networks: the VXLAN id that carries the network between the hosts of a cluster,
+   * unique in the store (records made before clusters have none and stay on their host).
+   */
+  vni: z.number().int().min(1).max(0xffffff).optional(),
+  /**
+   * The MTU of the bridge and of every NIC (DHCP guests learn it, option 26); absent: the
+   * kernel's default. A network spanning hosts gets the underlay's MTU − 50 (VXLAN's headers).
+   */
+  mtu: z.number().int().min(576).max(65535).optional(),
   /** DNS domain dnsmasq answers for (instance names resolve in it). */
   domain: z.string().optional(),
   description: z.string().default(''),

@@ -4,9 +4,9 @@
 // Every object carries the prefix "hf" + tag. The tag is empty for the daemon on the default
 // data directory (production: hfb-default, hft1a2b3c4d, …) and 4 hex digits derived from the
 // data directory otherwise, so that several daemons on one host (test suites) never touch each
-// other's objects. The kinds that follow the prefix ("b-", "t", "v", "p", "l", "n-") are chosen
+// other's objects. The kinds that follow the prefix ("b-", "t", "v", "p", "l", "x", "n-") are chosen
 // so that an untagged name can never be mistaken for a tagged one: the tag is hex, the kind
-// letters t/v/p/l/n are not, and "b-" has a "-" where a tag has a hex digit.
+// letters t/v/p/l/x/n are not, and "b-" has a "-" where a tag has a hex digit.
 import { createHash } from 'node:crypto';
 import { resolve } from 'node:path';
 
@@ -69,16 +69,21 @@ export class NetNames {
     return `${this.prefix}l${fnv1a(`vlan/${network}`)}`;
   }
 
+  /** The VXLAN device that carries a network between the hosts of a cluster (a port of its bridge). */
+  vxlan(network: string): string {
+    return `${this.prefix}x${fnv1a(`vxlan/${network}`)}`;
+  }
+
   /** A container's network namespace (a name under /run/netns). */
   netns(instanceName: string): string {
     return `${this.prefix}n-${instanceName}`;
   }
 
-  /** Whether an interface name is one this daemon creates (bridge, tap, veth, vlan). */
+  /** Whether an interface name is one this daemon creates (bridge, tap, veth, vlan, vxlan). */
   ownsLink(ifname: string): boolean {
     if (!ifname.startsWith(this.prefix)) return false;
     const rest = ifname.slice(this.prefix.length);
-    return rest.startsWith('b-') || /^[tvpl][0-9a-f]{8}$/.test(rest);
+    return rest.startsWith('b-') || /^[tvplx][0-9a-f]{8}$/.test(rest);
   }
 
   ownsNetns(name: string): boolean {

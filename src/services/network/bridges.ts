@@ -8,6 +8,7 @@ import type { LinkInfo } from '../../network/host.js';
 import type { Network } from '../../network/model.js';
 import type { UndoStack } from '../../util/undo.js';
 import type { NetContext } from './context.js';
+import { spans } from './overlay.js';
 
 /**
  * Creates (or repairs) a network's bridge, uplink and dnsmasq; registers the undo of what it
@@ -21,7 +22,7 @@ export async function bringUp(c: NetContext, net: Network, undo?: UndoStack, lin
     const current = links.find((l) => l.name === net.bridge) ?? null;
     const address = net.subnet && net.gateway ? `${net.gateway}/${parseCidr(net.subnet).prefix}` : undefined;
     if (!current) undo?.add(`delete bridge ${net.bridge}`, () => host.deleteLink(net.bridge));
-    await host.ensureBridge(net.bridge, { address, current });
+    await host.ensureBridge(net.bridge, { address, current, mtu: net.mtu });
   }
   if (net.mode === 'bridged' && !net.external && net.uplink) {
     let port = net.uplink;
@@ -49,6 +50,8 @@ export async function bringUp(c: NetContext, net: Network, undo?: UndoStack, lin
       undo?.add(`stop dnsmasq of ${net.name}`, () => host.stopDhcp(net.name));
     }
   }
+  // In a cluster, the bridge joins the network's tunnel now rather than at the next store change.
+  if (c.overlay && spans(net)) await c.overlay.kick();
 }
 
 /** Removes what bringUp made (an external bridge stays: it is the host's). */
@@ -57,4 +60,6 @@ export async function tearDown(c: NetContext, net: Network): Promise<void> {
   if (net.vlan !== undefined) await host.deleteLink(c.d.names.vlan(net.name));
   else if (net.mode === 'bridged' && net.uplink && !net.external) await host.setMaster(net.uplink, null, { isolated: false });
   if (!net.external) await host.deleteLink(net.bridge);
+  // The tunnel port (a port outlives its bridge); its filter table goes with it.
+  if (net.vni !== undefined) await (c.overlay ? c.overlay.removeTunnel(net.name) : host.deleteLink(c.d.names.vxlan(net.name)));
 }

@@ -29,6 +29,7 @@ import { KeyedMutex } from '../../util/mutex.js';
 import type { EventBus } from '../events.js';
 import type { InstanceService } from '../instances.js';
 import type { OperationManager } from '../operations.js';
+import { NetworkOverlay, spans, type OverlayOptions } from './overlay.js';
 
 export interface NetworkServiceDeps {
   store: StateStore;
@@ -45,6 +46,11 @@ export interface NetworkServiceDeps {
   ownersDir?: string;
   /** Create the `default` NAT network at the first start (default true). */
   createDefault?: boolean;
+  /**
+   * A cluster: managed networks span its hosts over VXLAN (overlay.ts), and each host's dnsmasq
+   * serves only its own instances. Absent: a single host, no tunnels.
+   */
+  overlay?: OverlayOptions;
 }
 
 export const DEFAULT_NETWORK = 'default';
@@ -64,9 +70,12 @@ export class NetContext {
   readonly lock = new KeyedMutex();
   /** Host interfaces this process created for running instances (kept out of the stray sweep). */
   readonly liveIfaces = new Set<string>();
+  /** Present in a cluster (deps.overlay). */
+  readonly overlay: NetworkOverlay | undefined;
   private instancesSvc: InstanceService | undefined;
 
   constructor(readonly d: NetworkServiceDeps) {
+    if (d.overlay) this.overlay = new NetworkOverlay({ ...d.overlay, store: d.store, names: d.names, log: d.log });
     this.networks = new Collection<Network>(d.store, '/networks/', networkSchema);
     this.ips = new Collection<IpReservation>(d.store, '/network-ips/', ipReservationSchema);
     this.macs = new Collection<MacReservation>(d.store, '/network-macs/', macReservationSchema);
@@ -155,11 +164,23 @@ export class NetContext {
     await this.lock.run(LOCK, 'apply rules', () => this.applyLocked());
   }
 
-  /** Writes a network's DHCP host file from the reservations; true when it changed. */
+  /**
+   * Writes a network's DHCP host file from the reservations; true when it changed. On a network
+   * spanning hosts, only this host's instances are in it (DHCP does not cross the tunnel: each
+   * host's dnsmasq serves its own); a reservation whose instance has no record yet is a create
+   * in flight, here or elsewhere, and is kept (an entry no local guest asks for is harmless).
+   */
   async syncHostsFile(network: string): Promise<boolean> {
     const files = this.files(network);
     if (!existsSync(files.dir)) return false;
-    const content = buildHostsFile(await this.reservationsOf(network));
+    let reservations = await this.reservationsOf(network);
+    const net = this.overlay ? (await this.networks.get(network))?.value : undefined;
+    if (this.overlay && net && spans(net)) {
+      const local = this.overlay.localHost;
+      const hostOf = new Map((await this.instances.list()).map((i) => [i.name, i.host]));
+      reservations = reservations.filter((r) => (hostOf.get(r.instance) ?? local) === local);
+    }
+    const content = buildHostsFile(reservations);
     const cur = await readFile(files.hostsFile, 'utf8').catch(() => undefined);
     if (cur === content) return false;
     await writeAtomic(files.hostsFile, content);

@@ -86,6 +86,8 @@ export class Janitor {
       for (const n of nets) {
         if (!n.external) wanted.add(n.bridge);
         if (n.vlan !== undefined) wanted.add(c.d.names.vlan(n.name));
+        // The overlay keeps the tunnels (and removes those of networks that are gone).
+        if (c.overlay && n.vni !== undefined) wanted.add(c.d.names.vxlan(n.name));
       }
       const activeInsts = insts.filter((i) => isActive(i.state));
       for (const i of activeInsts) for (const nic of i.config.nics) wanted.add(c.hostIfaceOf(i, nic));

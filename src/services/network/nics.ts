@@ -99,11 +99,11 @@ export class NicService {
     await c.d.host.deleteLink(iface);
     let peer: string | undefined;
     if (inst.type === 'vm') {
-      await c.d.host.createTap(iface);
+      await c.d.host.createTap(iface, { mtu: net.mtu });
     } else {
       peer = c.d.names.vethPeer(inst.id, nic.name);
       await c.d.host.deleteLink(peer);
-      await c.d.host.createVeth(iface, peer);
+      await c.d.host.createVeth(iface, peer, { mtu: net.mtu });
     }
     c.liveIfaces.add(iface);
     // Deleting one end of a veth pair deletes the other, wherever it went.

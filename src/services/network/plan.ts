@@ -8,6 +8,7 @@ import type { LinkInfo } from '../../network/host.js';
 import type { z } from 'zod';
 import type { createNetworkSchema, Network, NetworkMode } from '../../network/model.js';
 import { fnv1a } from '../../network/names.js';
+import { pickVni } from '../../network/vxlan.js';
 import type { NetContext } from './context.js';
 
 /** Special-purpose IPv4 ranges a network subnet may not use. */
@@ -54,6 +55,10 @@ export async function planNetwork(c: NetContext, req: NetworkRequest, all: Netwo
     net.subnet = formatCidr(subnet);
     net.gateway = formatIpv4(hostRange(subnet).first);
     net.domain = `${req.name}.hf.internal`;
+    // Every managed network gets its VXLAN id at create (unique: the create's transaction
+    // compares the networks' version), so it can span hosts as soon as there is a cluster.
+    net.vni = pickVni(req.name, new Set(all.flatMap((n) => (n.vni !== undefined ? [n.vni] : []))));
+    if (c.overlay) net.mtu = c.overlay.mtu;
   }
   const clash = all.find((n) => n.bridge === net.bridge);
   if (clash) throw new HfError('HF_ERR_CONFLICT', `network "${clash.name}" already uses bridge ${net.bridge}`);

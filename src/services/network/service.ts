@@ -17,6 +17,8 @@ import type { Operation } from '../../core/model/operation.js';
 import { parseInput } from '../../core/validate.js';
 import { activeLeases, readLeases } from '../../network/dnsmasq.js';
 import { createNetworkSchema, networkSchema, type Firewall, type Forward, type Network, type NetworkView, type NicAddress } from '../../network/model.js';
+import { pickVni } from '../../network/vxlan.js';
+import type { Compare, TxnOp } from '../../state/store.js';
 import { UndoStack } from '../../util/undo.js';
 import type { InstanceExtension } from '../extensions.js';
 import type { InstanceService } from '../instances.js';
@@ -219,6 +221,7 @@ export class NetworkService {
     const c = this.c;
     await this.janitor.registerOwner();
     await this.janitor.collectDeadOwners();
+    await c.overlay?.prepare();
     await c.lock.run(LOCK, 'network start', async () => {
       if (!(await c.d.store.get(META_DEFAULT_CREATED)) && (c.d.createDefault ?? true)) {
         if (!(await c.networks.get(DEFAULT_NETWORK))) {
@@ -231,6 +234,7 @@ export class NetworkService {
         }
         await c.d.store.put(META_DEFAULT_CREATED, { at: new Date().toISOString() });
       }
+      if (c.overlay) await this.spanExisting(c.overlay.mtu);
       for (const { value: net } of await c.networks.list()) {
         try {
           await bringUp(c, net);
@@ -240,6 +244,38 @@ export class NetworkService {
       }
       await c.applyLocked();
     });
+    await c.overlay?.start();
+  }
+
+  /**
+   * In a cluster: managed networks stored before it (no VXLAN id) get one, and every spanning
+   * network an MTU no larger than this host's underlay allows (the smallest host's wins: one L2
+   * segment has one MTU). One transaction on the networks' version, as a create, so VXLAN ids
+   * stay unique.
+   */
+  private async spanExisting(mtu: number): Promise<void> {
+    const c = this.c;
+    for (let attempt = 0; attempt < CREATE_ATTEMPTS; attempt++) {
+      const version = (await c.d.store.get(NETWORKS_VERSION))?.modRevision ?? 0;
+      const all = await c.networks.list();
+      const taken = new Set(all.flatMap((v) => (v.value.vni !== undefined ? [v.value.vni] : [])));
+      const changed = all.filter((v) => v.value.mode !== 'bridged' && (v.value.vni === undefined || v.value.mtu === undefined || v.value.mtu > mtu));
+      if (changed.length === 0) return;
+      const compares: Compare[] = [{ key: NETWORKS_VERSION, modRevision: version }];
+      const ops: TxnOp[] = [{ type: 'put', key: NETWORKS_VERSION, value: { spanned: changed.map((v) => v.value.name), at: new Date().toISOString() } }];
+      for (const { value: net, revision } of changed) {
+        const vni = net.vni ?? pickVni(net.name, taken);
+        taken.add(vni);
+        const key = c.networks.key(net.name);
+        compares.push({ key, modRevision: revision });
+        ops.push({ type: 'put', key, value: networkSchema.parse({ ...net, vni, mtu: Math.min(net.mtu ?? mtu, mtu) }) });
+      }
+      if ((await c.d.store.txn(compares, ops)).succeeded) {
+        c.d.log.info('networks now span the cluster', { networks: changed.map((v) => v.value.name), mtu });
+        return;
+      }
+    }
+    throw new HfError('HF_ERR_CONFLICT', 'could not give the networks their VXLAN ids: other network changes kept getting in the way');
   }
 
   /** After instances were re-attached: this daemon's leftovers go (see janitor.ts). */
@@ -249,6 +285,7 @@ export class NetworkService {
 
   /** Daemon shutdown: dnsmasq stops with us; bridges, taps and rules stay for the running guests. */
   async close(): Promise<void> {
+    await this.c.overlay?.stop();
     for (const { value: n } of await this.c.networks.list().catch(() => [])) await this.c.d.host.stopDhcp(n.name).catch(() => undefined);
   }
 }
