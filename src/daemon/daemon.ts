@@ -107,6 +107,9 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   const containerDriver = new ContainerDriver({ runcBinary: env.HYPERFOLD_RUNC, runcRoot: env.HYPERFOLD_RUNC_ROOT, idmapBase: env.HYPERFOLD_IDMAP_BASE ? Number(env.HYPERFOLD_IDMAP_BASE) : undefined, dataDir: paths.root, instancesDir: paths.instancesDir, log: log.child({ component: 'container' }) });
   drivers.set('container', containerDriver);
 
+  /** Told when members join, leave, go offline or come back (the network overlay's peers). */
+  const clusterChangeListeners: (() => void)[] = [];
+  const closers: (() => Promise<void>)[] = [];
   const images = new ImageService(store, { imagesDir: paths.imagesDir, cacheDir: paths.cacheDir }, operations);
   images.registerBuilder(await tinyImageBuilder());
   for (const b of containerImageBuilders()) images.registerBuilder(b);
@@ -141,7 +144,27 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   const snapshots = new SnapshotService({ store, instances, operations, drivers, events, log: log.child({ component: 'snapshots' }) });
   extensions.push(snapshots.extension());
   const netHost = new LinuxNetHost(log.child({ component: 'network' }), { onDhcpRestart: (network, pid) => events.publish('network.dhcp-restarted', { network, pid }) });
-  const networks = new NetworkService({ store, host: netHost, names: new NetNames(tagFor(paths.root)), networksDir: `${paths.root}/networks`, dataDir: paths.root, events, operations, log: log.child({ component: 'network' }) });
+  const networks = new NetworkService({
+    store,
+    host: netHost,
+    names: new NetNames(tagFor(paths.root)),
+    networksDir: `${paths.root}/networks`,
+    dataDir: paths.root,
+    events,
+    operations,
+    log: log.child({ component: 'network' }),
+    // In a cluster every managed network spans the hosts over VXLAN, its peers the online members.
+    ...(cluster
+      ? {
+          overlay: {
+            localHost: config.hostName,
+            localAddress: cluster.config.address,
+            peers: async () => (members ? members.onlinePeers() : []),
+            onPeersChanged: (cb: () => void) => void clusterChangeListeners.push(cb),
+          },
+        }
+      : {}),
+  });
   networks.bindInstances(instances);
   extensions.push(networks.extension);
   const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, cacheDir: paths.cacheDir, log: log.child({ component: 'containers' }) });
@@ -175,7 +198,13 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     cluster && members
       ? new ClusterService({ store, hostName: config.hostName, members, instances, etcd: cluster.membership, leaseTtl: cluster.config.leaseTtl, pkiDir: cluster.paths.pkiDir, log: log.child({ component: 'cluster' }) })
       : undefined;
-  if (members) await members.start();
+  if (members) {
+    await members.start();
+    const stopWatching = members.onChange(() => {
+      for (const cb of clusterChangeListeners) cb();
+    });
+    closers.push(async () => stopWatching());
+  }
   if (clusterService) clusterHosts = () => clusterService.placementHosts();
 
   // Did the host boot since we last ran? Then autostart instances start.
@@ -323,6 +352,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
       listening = [];
       await instances.close();
       await networks.close();
+      for (const c of closers) await c();
       await members?.close();
       if (cluster) await cluster.close();
       else await store.close();
