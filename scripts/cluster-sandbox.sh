@@ -32,7 +32,12 @@ start_daemon() {
   local h="$1" i="${1#h}"
   local dir="$BASE/$h"
   [ -f "$dir/daemon.pid" ] && alive "$(cat "$dir/daemon.pid")" && die "$h is already running (pid $(cat "$dir/daemon.pid"))"
-  ip netns exec "$(ns "$h")" env \
+  # `ip netns exec` mounts the namespace's own /sys, which hides the cgroup mounts runc needs: the
+  # host's cgroup hierarchies are mounted again (the same hierarchies) in that mount namespace.
+  CG="$(findmnt -rn -t cgroup,cgroup2 -o TARGET,FSTYPE,OPTIONS)" ip netns exec "$(ns "$h")" sh -c '
+    mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup || exit 1
+    echo "$CG" | while read -r t f o; do mkdir -p "$t" && mount -t "$f" -o "$o" "$f" "$t" || exit 1; done || exit 1
+    exec "$@"' sh env \
     HYPERFOLD_HOST_NAME="$h" HYPERFOLD_DATA="$dir" HYPERFOLD_LISTEN="$NET.$i:8443" \
     HYPERFOLD_RUNC_ROOT="$dir/runc" \
     setsid "${CLI[@]}" serve --no-build-image >>"$dir/daemon.out" 2>&1 </dev/null &
@@ -67,7 +72,7 @@ up() {
   cli h1 cluster init --name sandbox --address "$NET.1" --lease-ttl "$ttl" >/dev/null
   for i in $(seq 2 "$n"); do
     local token
-    token=$(cli h1 cluster token --ttl 600 2>/dev/null)
+    token=$(cli h1 cluster token --ttl 600)
     cli "h$i" cluster join "https://$NET.1:8444" --token "$token" --address "$NET.$i" >/dev/null
   done
   for i in $(seq 1 "$n"); do
@@ -117,7 +122,7 @@ down() {
   ip link del "$SWITCH" 2>/dev/null || true
   # Mounts a daemon left (container root filesystems) go before the files.
   if [ -d "$BASE" ]; then
-    grep -o " $BASE[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    { grep -o " $BASE[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -rf "$BASE"
   fi
 }

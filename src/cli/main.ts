@@ -18,6 +18,8 @@ program
   .option('--url <url>', 'API URL (default: the unix socket in the data directory, else http://127.0.0.1:8006)')
   .option('--token <token>', 'API token (default: HYPERFOLD_TOKEN or the admin token file)')
   .option('--data-dir <dir>', 'data directory (default /var/lib/hyperfold or HYPERFOLD_DATA)')
+  // Global options go before the verb: after it, an option belongs to the verb (`cluster join --token`).
+  .enablePositionalOptions()
   .showHelpAfterError();
 
 const ctx = createContext(program);

@@ -86,7 +86,21 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
   }
   let etcdStore: EtcdStateStore;
   try {
-    etcdStore = await EtcdStateStore.open({ endpoints: config.etcd.endpoints, tls: await clientTls(paths, config), prefix: ETCD_PREFIX });
+    const tls = await clientTls(paths, config);
+    etcdStore = await EtcdStateStore.open({ endpoints: config.etcd.endpoints, tls, prefix: ETCD_PREFIX });
+    // Members that joined since this host last started run etcd members too: reach all of them,
+    // so that losing any one (this host's own included) leaves the store reachable.
+    if (config.etcd.managed) {
+      const known = new Set(config.etcd.endpoints);
+      const { entries } = await etcdStore.list<{ etcd?: { clientUrl: string } }>('/cluster/members/');
+      const all = [...known, ...entries.map((e) => e.value.etcd?.clientUrl).filter((u): u is string => !!u && !known.has(u))];
+      if (all.length > known.size) {
+        await etcdStore.close();
+        etcdStore = await EtcdStateStore.open({ endpoints: all, tls, prefix: ETCD_PREFIX });
+        config = { ...config, etcd: { ...config.etcd, endpoints: all } };
+        await writeClusterConfig(paths, config);
+      }
+    }
   } catch (e) {
     await supervisor?.stop();
     throw e;

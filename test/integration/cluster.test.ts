@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
-import { consoleRun } from '../helpers/daemon.js';
+import { consoleRun, waitForConsole } from '../helpers/daemon.js';
 import { Sandbox } from '../helpers/sandbox.js';
 
 const TTL = 3;
@@ -38,6 +38,11 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** The pid of a host's etcd member (its supervisor's pid file). */
+function etcdPid(dataDir: string): number {
+  return Number(readFileSync(join(dataDir, 'cluster', 'etcd.pid'), 'utf8').trim());
 }
 
 async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
@@ -84,10 +89,12 @@ describe('a three-host cluster', () => {
     for (const h of ['h1', 'h2', 'h3']) {
       const vm = await api('h1').request<{ instance: Instance; operation: Operation; placement: { host: string } }>('POST', '/api/v1/instances', { name: `vm-${h}`, image: 'tiny', vcpus: 1, memory: '128M', start: true, target: h });
       assert.equal(vm.instance.host, h);
-      const ct = await api('h1').request<{ instance: Instance; operation: Operation }>('POST', '/api/v1/instances', { name: `ct-${h}`, type: 'container', image: 'busybox', memory: '64M', start: true, target: h });
+      const ct = await api('h1').request<{ instance: Instance; operation: Operation }>('POST', '/api/v1/instances', { name: `ct-${h}`, type: 'container', image: 'busybox', memory: '64M', start: true, target: h, nics: [{ network: 'default' }] });
       assert.equal(ct.instance.host, h);
-      assert.equal((await opDone('h1', vm.operation)).operation.status, 'success');
-      assert.equal((await opDone('h1', ct.operation)).operation.status, 'success');
+      for (const o of [vm.operation, ct.operation]) {
+        const done = (await opDone('h1', o)).operation;
+        assert.equal(done.status, 'success', JSON.stringify(done.error));
+      }
     }
     const { instances } = await api('h3').request<{ instances: Instance[] }>('GET', '/api/v1/instances');
     const seen = instances.map((i) => `${i.name}@${i.host}:${i.state}`).sort();
@@ -97,6 +104,7 @@ describe('a three-host cluster', () => {
   });
 
   it('serves the console and exec of h2’s instances from h3 (forwarded streams)', async () => {
+    await waitForConsole(api('h3'), 'vm-h2', /HYPERFOLD-GUEST-READY/);
     const out = await consoleRun(api('h3'), 'vm-h2', 'echo hf-$((6*7))-from-h2', 90_000);
     assert.match(out, /hf-42-from-h2/);
     const ex = await api('h3').request<{ exitCode: number; stdout: string }>('POST', '/api/v1/containers/ct-h2/exec', { command: ['sh', '-c', 'echo $((7*6)) in $(hostname)'] });
@@ -142,14 +150,13 @@ describe('a three-host cluster', () => {
   });
 
   it('keeps working with one etcd member killed; its host restarts it', async () => {
-    const pidFile = join(sb.host('h3').dataDir, 'cluster', 'etcd.pid');
-    const before = Number(readFileSync(pidFile, 'utf8').trim());
+    const before = etcdPid(sb.host('h3').dataDir);
     assert.ok(alive(before));
     process.kill(before, 'SIGKILL');
     // Writes through every host still commit (two of three members).
     await api('h1').request('PATCH', '/api/v1/instances/vm-h1', { description: 'written with an etcd member down' });
     const after = await until('h3 restarts its etcd member', async () => {
-      const p = Number(readFileSync(pidFile, 'utf8').trim());
+      const p = etcdPid(sb.host('h3').dataDir);
       return p !== before && alive(p) ? p : undefined;
     }, 30_000);
     assert.notEqual(after, before);
@@ -158,14 +165,17 @@ describe('a three-host cluster', () => {
   });
 
   it('with every etcd member stopped: writes answer HF_ERR_CLUSTER_UNAVAILABLE, reads are served, guests run; all recovers', async () => {
-    const pids = ['h1', 'h2', 'h3'].map((h) => Number(readFileSync(join(sb.host(h).dataDir, 'cluster', 'etcd.pid'), 'utf8').trim()));
+    const pids = ['h1', 'h2', 'h3'].map((h) => etcdPid(sb.host(h).dataDir));
     const vmPid = (await api('h1').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h1')).instance.runtime!.pid;
-    for (const p of pids) process.kill(p, 'SIGSTOP');
     try {
+      for (const p of pids) process.kill(p, 'SIGSTOP');
       await rejectsCode(api('h1').request('PATCH', '/api/v1/instances/vm-h1', { description: 'lost?' }), 'HF_ERR_CLUSTER_UNAVAILABLE');
-      const res = await fetch(`${sb.host('h2').url}/api/v1/instances`, { headers: { authorization: `Bearer ${sb.host('h2').token}` } });
+      // h2's store notices at its next probe (a read every second, 2.5 s deadline): its answers then say stale.
+      const res = await until('h2 marks its answers stale', async () => {
+        const r = await fetch(`${sb.host('h2').url}/api/v1/instances`, { headers: { authorization: `Bearer ${sb.host('h2').token}` } });
+        return r.headers.get('x-hyperfold-stale') === 'true' ? r : undefined;
+      }, 15_000);
       assert.equal(res.status, 200);
-      assert.equal(res.headers.get('x-hyperfold-stale'), 'true');
       assert.equal(((await res.json()) as { instances: unknown[] }).instances.length, 6);
       assert.ok(alive(vmPid), 'the guest keeps running');
     } finally {

@@ -149,7 +149,7 @@ describe('cluster service', () => {
     assert.deepEqual(etcdCalls, ['add h2', 'add h3']);
   });
 
-  it('lists every clash of a joining host at once, and merges an identical network', async () => {
+  it('lists every clash of a joining host at once, merges an identical network, and an unused one gives way', async () => {
     await w.call('POST', '/api/v1/instances', { name: 'web1', boot: { kind: 'kernel', kernel } });
     const net = { name: 'default', mode: 'nat' as const, subnet: '10.9.0.0/24', gateway: '10.9.0.1', bridge: 'hfbr0', external: false, description: '', createdAt: 'x' };
     await w.store.put('/networks/default', net);
@@ -161,6 +161,7 @@ describe('cluster service', () => {
       ips: [
         { network: 'default', ip: '10.9.0.5', mac: 'n', instance: 'db1', nic: 'eth0' },
         { network: 'default', ip: '10.9.0.6', mac: 'o', instance: 'db1', nic: 'eth1' },
+        { network: 'lab', ip: '10.7.0.5', mac: 'p', instance: 'db1', nic: 'eth2' },
       ],
     };
     const { token } = await svc.createToken(600);
@@ -170,8 +171,9 @@ describe('cluster service', () => {
       assert.deepEqual(clashes.map((c) => `${c.kind} ${c.name}`).sort(), ['address default 10.9.0.5', 'instance web1', 'network lab']);
       return true;
     });
-    // The refused join used nothing up: without the clashes, the same token admits the host.
-    assert.equal((await svc.admit(joinReq(token, 'h2', { instances: ['db1'], networks: [manifest.networks[0]!], ips: [manifest.ips[1]!] }))).clusterId, 'c-1');
+    // The refused join used nothing up: without the clashes, the same token admits the host (its
+    // own `lab`, used by no NIC, gives way to the cluster's).
+    assert.equal((await svc.admit(joinReq(token, 'h2', { instances: ['db1'], networks: manifest.networks, ips: [manifest.ips[1]!] }))).clusterId, 'c-1');
   });
 
   it('refuses to remove a host that holds instances unless forced, and removes its etcd member', async () => {

@@ -228,6 +228,9 @@ export class ClusterService {
       if (!e) continue;
       const mine = networkSchema.parse(e.value);
       if (sameNetwork(mine, n)) merged.add(n.name);
+      // A network of the same name that none of the host's NICs uses (every host makes a `default`
+      // with a subnet of its own) gives way to the cluster's.
+      else if (!m.ips.some((r) => r.network === n.name)) continue;
       else out.push({ kind: 'network', name: n.name, why: `the cluster's network ${n.name} is ${describeNet(mine)}, this host's is ${describeNet(n)}` });
     }
     for (const r of m.ips) {

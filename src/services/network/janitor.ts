@@ -41,7 +41,8 @@ export class Janitor {
    */
   private async isAbandoned(dataDir: string): Promise<boolean> {
     if (await isLockHeld(daemonLockFile(dataDir))) return false;
-    return !existsSync(join(dataDir, 'state.db'));
+    // A cluster member keeps its state in etcd (its SQLite file moved aside): cluster.json says it is one.
+    return !existsSync(join(dataDir, 'state.db')) && !existsSync(join(dataDir, 'cluster', 'cluster.json'));
   }
 
   /** Removes the interfaces, namespaces and tables of dead daemons (only names with their tag). */
