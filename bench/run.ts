@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { ensureTestImage } from '../test/helpers/image.js';
 
-const AREAS = ['core', 'storage', 'containers', 'network', 'live'];
+const AREAS = ['core', 'storage', 'containers', 'network', 'live', 'cluster'];
 
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith('-'));
 const areas = wanted.length ? wanted : AREAS;

@@ -136,9 +136,17 @@ describe('a three-host cluster', () => {
     const expired = 'hfj1.' + Buffer.from(JSON.stringify({ ...t, e: Math.floor(Date.now() / 1000) - 5 })).toString('base64url');
     await rejectsCode(h4.api.request('POST', '/api/v1/cluster/join', { url, token: expired }), 'HF_ERR_TOKEN_INVALID', /expired/);
     await rejectsCode(api('h2').request('POST', '/api/v1/cluster/join', { url, token }), 'HF_ERR_ALREADY_CLUSTERED');
+    // A host with a running guest joins: its record moves into the cluster, the guest keeps running.
+    const own = await h4.api.request<{ instance: Instance; operation: Operation }>('POST', '/api/v1/instances', { name: 'ct-h4', type: 'container', image: 'busybox', memory: '32M', start: true });
+    assert.equal((await h4.api.request<{ operation: Operation }>('GET', `/api/v1/operations/${own.operation.id}?wait=60`)).operation.status, 'success');
+    const guestPid = (await h4.api.request<{ instance: Instance }>('GET', '/api/v1/instances/ct-h4')).instance.runtime!.pid;
     // The real token still works (nothing above used it), once.
     const joined = await sb.cli('h4', 'cluster', 'join', url, '--token', token);
     assert.equal(joined.code, 0, joined.stderr);
+    const moved = (await api('h1').request<{ instance: Instance }>('GET', '/api/v1/instances/ct-h4')).instance;
+    assert.deepEqual([moved.host, moved.state, moved.runtime?.pid], ['h4', 'running', guestPid]);
+    assert.ok(alive(guestPid));
+    await api('h1').request('DELETE', '/api/v1/instances/ct-h4?force=true&wait=60');
     const m = await members('h1');
     assert.deepEqual(m.find((x) => x.name === 'h4') && [m.find((x) => x.name === 'h4')!.state, m.find((x) => x.name === 'h4')!.etcdMember], ['online', false], 'the fourth host is an etcd client only');
     await rejectsCode(h4.api.request('POST', '/api/v1/cluster/join', { url, token }), 'HF_ERR_ALREADY_CLUSTERED');

@@ -326,7 +326,7 @@ describe('API forwarding between hosts of a cluster', () => {
   });
 
   it('answers 503 HF_ERR_HOST_OFFLINE naming a host that is known offline or cannot be reached', async () => {
-    const known = await request(baseA, 'GET', '/api/v1/instances/lost', { headers: auth });
+    const known = await request(baseA, 'POST', '/api/v1/instances/lost/stop', { headers: auth, body: {} });
     assert.equal(known.status, 503);
     assert.equal(known.json.error.code, 'HF_ERR_HOST_OFFLINE');
     assert.match(known.json.error.message, /host-c/);
@@ -335,6 +335,11 @@ describe('API forwarding between hosts of a cluster', () => {
     assert.equal(gone.json.error.code, 'HF_ERR_HOST_OFFLINE');
     assert.match(gone.json.error.message, /host host-d is offline: .*ECONNREFUSED/);
     assert.equal(gone.json.error.details.host, 'host-d');
+    // Showing an instance of a host known offline is answered here, from the record (the daemon's
+    // view shows it `unknown`): nothing is forwarded.
+    const shown = await request(baseA, 'GET', '/api/v1/instances/lost', { headers: auth });
+    assert.equal(shown.status, 200);
+    assert.equal(shown.json.instance.servedBy, 'host-a');
   });
 
   it("B's cluster listener: a cluster certificate or the token is required; another CA's certificate is refused", async () => {

@@ -1,0 +1,113 @@
+// Cluster benchmarks (issue 10), each against a baseline measured in the same run:
+//  1. The store contract workload (get, put, compare-and-swap txn, list of 1,000 keys, watch
+//     delivery) on SQLite and on a three-member etcd on this machine: each median and the ratio.
+//  2. `GET /api/v1/instances` with 10,000 instances over three hosts, asked of a fourth member
+//     that holds none of them (p50/p99 of 200), against the same list on a single host (SQLite).
+//  3. Forwarding: a lifecycle call (PATCH of the description) and `GET /instances/NAME` on an
+//     instance of another host vs on a local one, asked of the same daemon (median of 100 each).
+import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
+import { ApiClient } from '../src/cli/client.js';
+import { SqliteStateStore } from '../src/state/sqlite-store.js';
+import { EtcdStateStore } from '../src/state/etcd-store.js';
+import { readHostPki } from '../src/cluster/pki.js';
+import { ETCD_PREFIX } from '../src/cluster/config.js';
+import type { Instance } from '../src/core/model/instance.js';
+import { destroyDataDir, makeDataDir, startTestDaemon, stopTestDaemon } from '../test/helpers/daemon.js';
+import { startTestEtcd } from '../test/helpers/etcd.js';
+import { Sandbox } from '../test/helpers/sandbox.js';
+import { storeWorkload } from './store-workload.js';
+import { median, pct } from './stats.js';
+
+const INSTANCES = Number(process.env.BENCH_CLUSTER_INSTANCES ?? 10_000);
+const f = (n: number) => n.toFixed(2);
+
+async function timeIt(n: number, fn: () => Promise<unknown>): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const t = performance.now();
+    await fn();
+    out.push(performance.now() - t);
+  }
+  return out;
+}
+
+function record(name: string, host: string, template: Instance): Instance {
+  return { ...template, id: randomUUID(), name, host, state: 'stopped', desired: 'stopped' };
+}
+
+async function storeRows(): Promise<string[]> {
+  const sqlite = SqliteStateStore.open(':memory:');
+  const etcd = await startTestEtcd({ members: 3 });
+  const store = await EtcdStateStore.open({ endpoints: etcd.endpoints });
+  try {
+    const a = await storeWorkload(sqlite, { keys: 1000 });
+    const b = await storeWorkload(store, { keys: 1000 });
+    return (Object.keys(a) as (keyof typeof a)[]).map((k) => `| store ${k} (median) | ${f(a[k])} ms | ${f(b[k])} ms | ${(b[k] / a[k]).toFixed(1)}× |`);
+  } finally {
+    await store.close();
+    await sqlite.close();
+    await etcd.destroy();
+  }
+}
+
+async function singleHostList(template: Instance): Promise<number[]> {
+  const dir = await makeDataDir();
+  const store = SqliteStateStore.open(`${dir}/state.db`);
+  for (let i = 0; i < INSTANCES; i++) await store.put(`/instances/b${i}`, record(`b${i}`, 'solo', template));
+  await store.close();
+  const d = await startTestDaemon(dir);
+  try {
+    await d.http.request('GET', '/api/v1/instances');
+    return await timeIt(200, () => d.http.request('GET', '/api/v1/instances'));
+  } finally {
+    await stopTestDaemon(d, 'SIGKILL');
+    await destroyDataDir(dir, d);
+  }
+}
+
+export async function run(): Promise<string> {
+  const rows = ['| measurement | baseline | cluster | ratio |', '|---|---|---|---|'];
+  rows.push(...(await storeRows()));
+
+  const sb = await Sandbox.up(4, { prefix: 'hfbc', net: '10.213.42', ttl: 10 });
+  try {
+    const h1 = sb.host('h1');
+    // A template record made the normal way, then 10,000 copies over h1..h3 written straight into etcd.
+    const made = await h1.api.request<{ instance: Instance }>('POST', '/api/v1/instances', { name: 'tmpl', image: 'tiny', memory: '64M' });
+    const template = made.instance;
+    const pki = (await readHostPki(`${h1.dataDir}/cluster/pki`))!;
+    const etcd = await EtcdStateStore.open({ endpoints: ['https://10.213.42.1:2379'], tls: { ca: pki.caPem, cert: pki.certPem, key: pki.keyPem }, prefix: ETCD_PREFIX });
+    for (let i = 0; i < INSTANCES; i += 100) {
+      await Promise.all(Array.from({ length: Math.min(100, INSTANCES - i) }, (_, j) => etcd.put(`/instances/c${i + j}`, record(`c${i + j}`, `h${((i + j) % 3) + 1}`, template))));
+    }
+    await etcd.close();
+    const h4 = sb.host('h4');
+    await h4.api.request('GET', '/api/v1/instances');
+    const clusterList = await timeIt(200, () => h4.api.request('GET', '/api/v1/instances'));
+    const soloList = await singleHostList(template);
+    rows.push(`| GET /instances, ${INSTANCES} instances: p50 | ${f(median(soloList))} ms (one host) | ${f(median(clusterList))} ms (3 hosts, asked of a 4th) | ${(median(clusterList) / median(soloList)).toFixed(2)}× |`);
+    rows.push(`| GET /instances, ${INSTANCES} instances: p99 (target < 50 ms) | ${f(pct(soloList, 99))} ms | ${f(pct(clusterList, 99))} ms | ${(pct(clusterList, 99) / pct(soloList, 99)).toFixed(2)}× |`);
+
+    // Forwarding: the same daemon (h1), one instance of its own and one of h2.
+    await h1.api.request('POST', '/api/v1/instances', { name: 'local1', image: 'tiny', memory: '64M', target: 'h1' });
+    await h1.api.request('POST', '/api/v1/instances', { name: 'remote1', image: 'tiny', memory: '64M', target: 'h2' });
+    const api: ApiClient = h1.api;
+    for (const [what, call] of [
+      ['PATCH description', (n: string) => api.request('PATCH', `/api/v1/instances/${n}`, { description: `d${Math.random()}` })],
+      ['GET instance', (n: string) => api.request('GET', `/api/v1/instances/${n}`)],
+    ] as const) {
+      for (let i = 0; i < 10; i++) await Promise.all([call('local1'), call('remote1')]);
+      const local: number[] = [];
+      const remote: number[] = [];
+      for (let i = 0; i < 100; i++) {
+        local.push(...(await timeIt(1, () => call('local1'))));
+        remote.push(...(await timeIt(1, () => call('remote1'))));
+      }
+      rows.push(`| ${what}: local vs forwarded (median; target ≤ +5 ms) | ${f(median(local))} ms | ${f(median(remote))} ms | +${f(median(remote) - median(local))} ms |`);
+    }
+  } finally {
+    await sb.down();
+  }
+  return rows.join('\n');
+}
