@@ -2,6 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { formatMiB } from '../../core/units.js';
+import type { HostView } from '../../core/model/cluster.js';
 import type { CliContext } from '../context.js';
 import { table } from '../format.js';
 
@@ -11,21 +12,6 @@ interface ClusterStatus {
   cluster?: { clusterId: string; name: string };
   address?: string;
   etcd?: { endpoints: string[]; managed: boolean; member: boolean };
-}
-
-interface HostView {
-  name: string;
-  state: string;
-  address: string;
-  etcdMember: boolean;
-  cpus: number;
-  memoryMiB: number;
-  allocated: { vcpus: number; memoryMiB: number };
-  memoryUsedMiB?: number;
-  instances: number;
-  version: string;
-  qemuVersion?: string;
-  lastHeartbeat?: string;
 }
 
 function ago(iso: string | undefined): string {

@@ -6,6 +6,9 @@
 import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
 import type { Instance } from '../../core/model/instance.js';
+import type { HostState, HostView } from '../../core/model/cluster.js';
+
+export type { HostState, HostView };
 import { isActive } from '../../core/lifecycle.js';
 import { CachedCollection } from '../../state/cached-collection.js';
 import { Collection } from '../../state/collection.js';
@@ -35,23 +38,6 @@ export const aliveSchema = z.object({
   loadavg: z.number(),
 });
 export type Alive = z.infer<typeof aliveSchema>;
-
-export type HostState = 'online' | 'offline' | 'maintenance';
-
-export interface HostView {
-  name: string;
-  state: HostState;
-  address: string;
-  etcdMember: boolean;
-  cpus: number;
-  memoryMiB: number;
-  allocated: { vcpus: number; memoryMiB: number };
-  memoryUsedMiB?: number;
-  instances: number;
-  version: string;
-  qemuVersion?: string;
-  lastHeartbeat?: string;
-}
 
 export interface MembersOptions {
   store: StateStore;
