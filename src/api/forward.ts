@@ -239,7 +239,7 @@ export class Forwarder {
       hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'),
       port: Number(u.port || 443),
       tls: ep.tls,
-      agent: new https.Agent({ keepAlive: true, timeout: IDLE_SOCKET_MS, ca: ep.tls.ca, cert: ep.tls.cert, key: ep.tls.key }),
+      agent: new https.Agent({ keepAlive: true, noDelay: true, timeout: IDLE_SOCKET_MS, ca: ep.tls.ca, cert: ep.tls.cert, key: ep.tls.key }),
     };
     this.targets.set(host, t);
     return t;
