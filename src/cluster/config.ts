@@ -10,6 +10,17 @@ import { HfError } from '../core/errors.js';
 export const CLUSTER_PORT = 8444;
 export const ETCD_CLIENT_PORT = 2379;
 export const ETCD_PEER_PORT = 2380;
+/** An address as the host part of a URL (IPv6 in brackets). */
+export function urlHost(address: string): string {
+  return address.includes(':') ? `[${address}]` : address;
+}
+
+/** The client and peer URLs of the etcd member a host at `address` runs. */
+export function etcdUrls(address: string): { clientUrl: string; peerUrl: string } {
+  const h = urlHost(address);
+  return { clientUrl: `https://${h}:${ETCD_CLIENT_PORT}`, peerUrl: `https://${h}:${ETCD_PEER_PORT}` };
+}
+
 /** Keys of the cluster live under this prefix in etcd (a user's own etcd may hold other things). */
 export const ETCD_PREFIX = '/hyperfold/';
 

@@ -3,6 +3,7 @@
 // and from then on talks to the member only over TLS verified against that CA.
 import { request } from 'node:https';
 import { HfError } from '../core/errors.js';
+import { CLUSTER_PORT } from './config.js';
 import { fingerprint } from './pki.js';
 
 interface HttpsAnswer {
@@ -51,7 +52,7 @@ function joinUrl(base: string, path: string): URL {
   } catch {
     throw new HfError('HF_ERR_VALIDATION', `${base} is not a URL (expected https://HOST:PORT of a cluster member)`);
   }
-  if (u.protocol !== 'https:') throw new HfError('HF_ERR_VALIDATION', `${base}: a cluster member is joined over https (https://HOST:${8444})`);
+  if (u.protocol !== 'https:') throw new HfError('HF_ERR_VALIDATION', `${base}: a cluster member is joined over https (https://HOST:${CLUSTER_PORT})`);
   return u;
 }
 

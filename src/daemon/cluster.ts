@@ -8,7 +8,7 @@ import { networkInterfaces } from 'node:os';
 import { readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HfError, isHfError } from '../core/errors.js';
-import { ClusterPaths, ETCD_CLIENT_PORT, ETCD_PEER_PORT, ETCD_PREFIX, readClusterConfig, removeClusterDir, writeClusterConfig, type ClusterConfig } from '../cluster/config.js';
+import { CLUSTER_PORT, ClusterPaths, ETCD_PREFIX, etcdUrls, readClusterConfig, removeClusterDir, writeClusterConfig, type ClusterConfig } from '../cluster/config.js';
 import { EtcdSupervisor, addMember, removeMember, snapshot } from '../cluster/etcd-process.js';
 import { fetchPinnedCa, requestJoin } from '../cluster/join-client.js';
 import { createCa, createHostKeyAndCsr, signHostCert, writeHostPki, readHostPki, fingerprint, hostPkiPaths } from '../cluster/pki.js';
@@ -34,11 +34,6 @@ export interface ClusterRuntime {
   supervisor?: EtcdSupervisor;
   membership: EtcdMembership;
   close(): Promise<void>;
-}
-
-export function etcdUrls(address: string): { clientUrl: string; peerUrl: string } {
-  const h = address.includes(':') ? `[${address}]` : address;
-  return { clientUrl: `https://${h}:${ETCD_CLIENT_PORT}`, peerUrl: `https://${h}:${ETCD_PEER_PORT}` };
 }
 
 async function newSupervisor(paths: ClusterPaths, config: Pick<ClusterConfig, 'hostName' | 'address' | 'etcd' | 'clusterName'>, log: Logger): Promise<EtcdSupervisor> {
@@ -204,7 +199,7 @@ export async function initCluster(dataDir: string, daemon: DaemonConfig, req: In
       clusterName,
       hostName: daemon.hostName,
       address,
-      clusterPort: 8444,
+      clusterPort: CLUSTER_PORT,
       etcd: req.etcd
         ? { endpoints: req.etcd.endpoints, managed: false, member: false, tls: { ca: req.etcd.ca, cert: req.etcd.cert, key: req.etcd.key } }
         : { endpoints: [clientUrl], managed: true, member: true, initialCluster: `${daemon.hostName}=${peerUrl}`, initialState: 'new' },
@@ -269,7 +264,7 @@ export async function joinCluster(
     const answer = await requestJoin<JoinAnswer>(req.url, caPem, {
       token: req.token,
       csrPem,
-      member: { name: daemon.hostName, address, clusterPort: 8444, cpus: self.cpus, memoryMiB: self.memoryMiB, overcommit: daemon.overcommit, version: self.version, ...(self.qemuVersion ? { qemuVersion: self.qemuVersion } : {}) },
+      member: { name: daemon.hostName, address, clusterPort: CLUSTER_PORT, cpus: self.cpus, memoryMiB: self.memoryMiB, overcommit: daemon.overcommit, version: self.version, ...(self.qemuVersion ? { qemuVersion: self.qemuVersion } : {}) },
       manifest: self.manifest,
     });
     await writeHostPki(paths.pkiDir, { caPem, certPem: answer.certPem, keyPem });
@@ -278,7 +273,7 @@ export async function joinCluster(
       clusterName: answer.clusterName,
       hostName: daemon.hostName,
       address,
-      clusterPort: 8444,
+      clusterPort: CLUSTER_PORT,
       etcd: {
         endpoints: answer.etcd.endpoints,
         managed: answer.etcd.managed,

@@ -38,7 +38,8 @@ import { freemem, loadavg, totalmem } from 'node:os';
 import { ClusterMembers } from '../services/cluster/members.js';
 import { ClusterService, type JoinManifest } from '../services/cluster/service.js';
 import { networkSchema, ipReservationSchema } from '../network/model.js';
-import { backupCluster, etcdUrls, initCluster, joinCluster, openCluster, type ClusterRuntime } from './cluster.js';
+import { etcdUrls } from '../cluster/config.js';
+import { backupCluster, initCluster, joinCluster, openCluster, type ClusterRuntime } from './cluster.js';
 import { DataPaths, type DaemonConfig } from './config.js';
 import { VERSION } from './version.js';
 
@@ -169,7 +170,6 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   extensions.push(networks.extension);
   const containers = new ContainerService({ instances, images, operations, events, driver: containerDriver, cacheDir: paths.cacheDir, log: log.child({ component: 'containers' }) });
 
-  let accelForMembers: AccelVerdict | undefined;
   const members = cluster
     ? new ClusterMembers({
         store,
@@ -178,7 +178,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
         log: log.child({ component: 'cluster' }),
         self: async () => {
           const cap = hostCapacity();
-          accelForMembers ??= await accelVerdict().catch(() => undefined);
+          const verdict = await accelVerdict().catch(() => undefined);
           return {
             name: config.hostName,
             address: cluster.config.address,
@@ -188,7 +188,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
             memoryMiB: cap.memoryMiB,
             overcommit: config.overcommit,
             version: VERSION,
-            ...(accelForMembers?.qemuVersion ? { qemuVersion: accelForMembers.qemuVersion } : {}),
+            ...(verdict?.qemuVersion ? { qemuVersion: verdict.qemuVersion } : {}),
           };
         },
         usage: () => ({ host: config.hostName, at: new Date().toISOString(), memoryUsedMiB: Math.round((totalmem() - freemem()) / 1048576), loadavg: loadavg()[0] ?? 0 }),

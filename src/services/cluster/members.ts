@@ -39,6 +39,12 @@ export const aliveSchema = z.object({
 });
 export type Alive = z.infer<typeof aliveSchema>;
 
+/** offline without a heartbeat (or a record); maintenance when a user flagged it; online otherwise. */
+function hostState(m: Member | undefined, alive: boolean): HostState {
+  if (!m || !alive) return 'offline';
+  return m.maintenance ? 'maintenance' : 'online';
+}
+
 export interface MembersOptions {
   store: StateStore;
   hostName: string;
@@ -179,17 +185,11 @@ export class ClusterMembers {
   /** online: heartbeat present; maintenance: flagged by a user (and alive); offline otherwise. */
   async stateOf(name: string): Promise<HostState> {
     const [m, a] = await Promise.all([this.members.get(name), this.alive.get(name)]);
-    if (!m || !a) return 'offline';
-    return m.value.maintenance ? 'maintenance' : 'online';
+    return hostState(m?.value, a !== undefined);
   }
 
   async isOnline(name: string): Promise<boolean> {
     return (await this.alive.get(name)) !== undefined;
-  }
-
-  async setMaintenance(name: string, on: boolean): Promise<Member> {
-    await this.getOrThrow(name);
-    return (await this.members.update(name, (m) => ({ ...m, maintenance: on }))).value;
   }
 
   /** Every member with its state, capacity, what its active instances hold, and its last heartbeat. */
@@ -203,7 +203,7 @@ export class ClusterMembers {
       const a = aliveBy.get(m.name);
       const view: HostView = {
         name: m.name,
-        state: !a ? 'offline' : m.maintenance ? 'maintenance' : 'online',
+        state: hostState(m, a !== undefined),
         address: m.address,
         etcdMember: m.etcd !== undefined,
         cpus: m.cpus,

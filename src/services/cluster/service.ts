@@ -10,6 +10,7 @@ import { HfError } from '../../core/errors.js';
 import type { Instance } from '../../core/model/instance.js';
 import type { PlacementHost } from '../../core/placement.js';
 import { networkSchema, ipReservationSchema, type Network, type IpReservation } from '../../network/model.js';
+import { etcdUrls, urlHost } from '../../cluster/config.js';
 import { fingerprint, signHostCert } from '../../cluster/pki.js';
 import { decodeJoinToken, encodeJoinToken, hashSecret, newJoinToken, secretMatches, tokenExpired } from '../../cluster/token.js';
 import type { StateStore } from '../../state/store.js';
@@ -92,17 +93,9 @@ export class ClusterService {
 
   constructor(private readonly o: ClusterServiceOptions) {}
 
-  get hostName(): string {
-    return this.o.hostName;
-  }
-
   /** This host (the API's forwarding asks: is the record's host this one?). */
   get localHost(): string {
     return this.o.hostName;
-  }
-
-  get members(): ClusterMembers {
-    return this.o.members;
   }
 
   async info(): Promise<ClusterInfo> {
@@ -174,7 +167,7 @@ export class ClusterService {
     const runsEtcd = this.o.etcd.managed && etcdMembers.length < MAX_ETCD_MEMBERS;
     const member: Member = {
       ...req.member,
-      ...(runsEtcd ? { etcd: { clientUrl: `https://${urlHost(req.member.address)}:2379`, peerUrl: `https://${urlHost(req.member.address)}:2380` } } : {}),
+      ...(runsEtcd ? { etcd: etcdUrls(req.member.address) } : {}),
       maintenance: false,
       joinedAt: new Date().toISOString(),
     };
@@ -297,10 +290,6 @@ export class ClusterService {
     if (!offline.size) return list;
     return list.map((i) => (offline.has(i.host) ? ({ ...i, state: 'unknown' } as unknown as Instance) : i));
   }
-}
-
-export function urlHost(address: string): string {
-  return address.includes(':') ? `[${address}]` : address;
 }
 
 function sameNetwork(a: Network, b: Network): boolean {
