@@ -9,12 +9,14 @@ import { readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HfError, isHfError } from '../core/errors.js';
 import { CLUSTER_PORT, ClusterPaths, ETCD_PREFIX, etcdUrls, readClusterConfig, removeClusterDir, writeClusterConfig, type ClusterConfig } from '../cluster/config.js';
-import { EtcdSupervisor, addMember, removeMember, snapshot } from '../cluster/etcd-process.js';
+import { EtcdSupervisor, addMember, etcdClient, removeMember, snapshot } from '../cluster/etcd-process.js';
 import { fetchPinnedCa, requestJoin } from '../cluster/join-client.js';
 import { createCa, createHostKeyAndCsr, signHostCert, writeHostPki, readHostPki, fingerprint, hostPkiPaths } from '../cluster/pki.js';
-import { parseInitialCluster } from '../cluster/etcd-args.js';
+import { ETCD_DEFAULTS, parseInitialCluster } from '../cluster/etcd-args.js';
 import { decodeJoinToken, tokenExpired } from '../cluster/token.js';
+import type { EtcdSpace } from '../services/cluster/etcd-health.js';
 import type { JoinAnswer, JoinManifest, EtcdMembership } from '../services/cluster/service.js';
+import type { Etcd3 } from 'etcd3';
 import { EtcdStateStore } from '../state/etcd-store.js';
 import { ScopedStore } from '../state/scoped-store.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
@@ -33,8 +35,17 @@ export interface ClusterRuntime {
   etcdStore: EtcdStateStore;
   supervisor?: EtcdSupervisor;
   membership: EtcdMembership;
+  /**
+   * The etcd database size against its quota, for the space alert: this host's own member where
+   * it runs one; the user's etcd (assumed at etcd's default 2 GiB quota) otherwise; undefined on a
+   * host that is only a client of the cluster's members (a member's host watches them).
+   */
+  etcdSpace?: () => Promise<EtcdSpace>;
   close(): Promise<void>;
 }
+
+/** etcd's own default backend quota, for an etcd the user runs. */
+const ETCD_DEFAULT_QUOTA = 2 * 1024 ** 3;
 
 async function newSupervisor(paths: ClusterPaths, config: Pick<ClusterConfig, 'hostName' | 'address' | 'etcd' | 'clusterName'>, log: Logger): Promise<EtcdSupervisor> {
   const { clientUrl, peerUrl } = etcdUrls(config.address);
@@ -107,6 +118,18 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     await writeClusterConfig(paths, config);
   }
   const client = etcdStore.client;
+  // A member's own database (sizes differ a little between members): a client of its URL alone.
+  let own: Etcd3 | undefined;
+  let etcdSpace: (() => Promise<EtcdSpace>) | undefined;
+  if (supervisor) {
+    const pki = (await readHostPki(paths.pkiDir))!;
+    etcdSpace = async () => {
+      own ??= etcdClient([etcdUrls(config.address).clientUrl], pki);
+      return { dbSizeBytes: Number((await own.maintenance.status()).dbSize), quotaBytes: ETCD_DEFAULTS.quotaBackendBytes };
+    };
+  } else if (!config.etcd.managed) {
+    etcdSpace = async () => ({ dbSizeBytes: Number((await client.maintenance.status()).dbSize), quotaBytes: ETCD_DEFAULT_QUOTA });
+  }
   const membership: EtcdMembership = {
     managed: config.etcd.managed,
     addMember: async (name, peerUrl) => addMember(client, name, peerUrl),
@@ -119,7 +142,9 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     etcdStore,
     membership,
     ...(supervisor ? { supervisor } : {}),
+    ...(etcdSpace ? { etcdSpace } : {}),
     close: async () => {
+      own?.close();
       await etcdStore.close();
       await supervisor?.stop();
     },

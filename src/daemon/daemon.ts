@@ -35,6 +35,7 @@ import { Spawner } from '../util/spawner.js';
 import { daemonLockFile, tryLock } from '../util/flock.js';
 import { isActive } from '../core/lifecycle.js';
 import { freemem, loadavg, totalmem } from 'node:os';
+import { EtcdHealth } from '../services/cluster/etcd-health.js';
 import { ClusterMembers } from '../services/cluster/members.js';
 import { ClusterService, type JoinManifest } from '../services/cluster/service.js';
 import { networkSchema, ipReservationSchema } from '../network/model.js';
@@ -206,6 +207,14 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     closers.push(async () => stopWatching());
   }
   if (clusterService) clusterHosts = () => clusterService.placementHosts();
+  // The etcd space alert (cluster.etcd-space events, a log line) where this host watches a database.
+  const etcdHealth = cluster?.etcdSpace
+    ? new EtcdHealth({ host: config.hostName, events, log: log.child({ component: 'etcd' }), space: cluster.etcdSpace, intervalMs: Number(process.env.HYPERFOLD_ETCD_HEALTH_MS ?? 60_000) })
+    : undefined;
+  if (etcdHealth) {
+    etcdHealth.start();
+    closers.push(async () => etcdHealth.stop());
+  }
 
   // Did the host boot since we last ran? Then autostart instances start.
   const hostKey = `/hosts/${config.hostName}`;
@@ -243,7 +252,13 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
           host: config.hostName,
           cluster: info,
           address: cluster.config.address,
-          etcd: { endpoints: cluster.config.etcd.endpoints, managed: cluster.config.etcd.managed, member: cluster.config.etcd.member },
+          etcd: {
+            endpoints: cluster.config.etcd.endpoints,
+            managed: cluster.config.etcd.managed,
+            member: cluster.config.etcd.member,
+            // The database against its quota, as of the last check (level ok / warning / critical).
+            ...(etcdHealth ? { space: etcdHealth.status } : {}),
+          },
           leaseTtl: cluster.config.leaseTtl,
         };
       },

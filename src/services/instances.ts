@@ -21,6 +21,7 @@ import type { PlacementRequest } from '../core/placement.js';
 import { checkCanCommit, checkFitsHost, type HostCapacity, type OvercommitPolicy } from '../core/resources.js';
 import { parseInput } from '../core/validate.js';
 import type { ConsoleAttachment, InstanceDriver, InstanceHandle, InstancePaths, LiveChangeResult } from '../drivers/driver.js';
+import type { PageEntry, PageOptions } from '../state/cached-collection.js';
 import type { Versioned } from '../state/collection.js';
 import type { StateStore } from '../state/store.js';
 import { failpoint } from '../util/failpoint.js';
@@ -94,6 +95,11 @@ export class InstanceService {
 
   async list(): Promise<Instance[]> {
     return this.records.list();
+  }
+
+  /** A page of records in name order with their JSON text (the list route's path; read-only values). */
+  page(opts: PageOptions<Instance>): Promise<{ entries: PageEntry<Instance>[]; next?: string }> {
+    return this.records.page(opts);
   }
 
   async get(name: string): Promise<Instance> {

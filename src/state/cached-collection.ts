@@ -20,6 +20,28 @@ export interface CachedCollectionOptions {
   writeVisibleMs?: number;
 }
 
+/** A cached record with its JSON text (UTF-8), made the first time a page asks for it. */
+interface Entry<T> extends Versioned<T> {
+  json?: Buffer;
+}
+
+/** One record of a page: the cache's own value (read-only: never change it) and its JSON text. */
+export interface PageEntry<T> {
+  id: string;
+  value: Readonly<T>;
+  /** JSON.stringify(value) as UTF-8: a response joins these without encoding anything again. */
+  json: Buffer;
+}
+
+export interface PageOptions<T> {
+  /** Start after this id (the `next` of the previous page). */
+  after?: string;
+  /** At most this many records (default: all). */
+  limit?: number;
+  /** Only the records it accepts (counted against the limit after filtering). */
+  filter?: (value: Readonly<T>) => boolean;
+}
+
 interface IdWaiter {
   id: string;
   check: () => void;
@@ -28,7 +50,9 @@ interface IdWaiter {
 const MAX_RETRY_MS = 10_000;
 
 export class CachedCollection<T> {
-  private items = new Map<string, Versioned<T>>();
+  private items = new Map<string, Entry<T>>();
+  /** The ids in order, kept until an id comes or goes (a list sorts once, not per call). */
+  private sorted: string[] | undefined;
   private rev = 0;
   private watch: Watch | undefined;
   /** Bumped by every (re)list: events of an older watch are ignored. */
@@ -73,7 +97,43 @@ export class CachedCollection<T> {
   /** Every record, sorted by id (as Collection.list). */
   async list(): Promise<Versioned<T>[]> {
     await this.readable();
-    return [...this.items.keys()].sort().map((id) => copy(this.items.get(id) as Versioned<T>));
+    return this.ids().map((id) => copy(this.items.get(id) as Versioned<T>));
+  }
+
+  /**
+   * A page of records in id order, without copies, with each record's JSON text (serialized once
+   * per change of the record): what a big listing answers with, where copying and serializing
+   * every record on every call would cost more than the rest. `next` is the last id when more
+   * records follow.
+   */
+  async page(opts: PageOptions<T> = {}): Promise<{ entries: PageEntry<T>[]; next?: string }> {
+    await this.readable();
+    const ids = this.ids();
+    let i = 0;
+    if (opts.after !== undefined) {
+      // First id greater than `after` (binary search; the same order as the sort).
+      let hi = ids.length;
+      while (i < hi) {
+        const mid = (i + hi) >>> 1;
+        if ((ids[mid] as string) <= opts.after) i = mid + 1;
+        else hi = mid;
+      }
+    }
+    const limit = opts.limit ?? Infinity;
+    const entries: PageEntry<T>[] = [];
+    for (; i < ids.length && entries.length < limit; i++) {
+      const id = ids[i] as string;
+      const e = this.items.get(id) as Entry<T>;
+      if (opts.filter && !opts.filter(e.value)) continue;
+      e.json ??= Buffer.from(JSON.stringify(e.value));
+      entries.push({ id, value: e.value, json: e.json });
+    }
+    // More follow when a record the filter accepts lies beyond the last one taken.
+    let more = false;
+    if (entries.length === limit) {
+      for (let j = i; j < ids.length && !more; j++) more = !opts.filter || opts.filter((this.items.get(ids[j] as string) as Entry<T>).value);
+    }
+    return more ? { entries, next: entries[entries.length - 1]?.id as string } : { entries };
   }
 
   async create(id: string, value: T, opts: { lease?: LeaseId } = {}): Promise<Versioned<T>> {
@@ -144,6 +204,11 @@ export class CachedCollection<T> {
 
   // ---- internals ----
 
+  private ids(): string[] {
+    this.sorted ??= [...this.items.keys()].sort();
+    return this.sorted;
+  }
+
   private async readable(id?: string): Promise<void> {
     if (id !== undefined) this.source.key(id); // the same id checks as the collection
     await this.start();
@@ -158,6 +223,7 @@ export class CachedCollection<T> {
     const { items, revision } = await this.source.listAt();
     if (this.closed || gen !== this.generation) return;
     this.items = new Map(items.map(({ id, value, revision: r }) => [id, { value, revision: r }]));
+    this.sorted = undefined;
     this.advance(revision);
     for (const w of [...this.idWaiters]) w.check();
     this.watch = this.source.watch((ev) => this.apply(gen, ev), {
@@ -169,8 +235,10 @@ export class CachedCollection<T> {
 
   private apply(gen: number, ev: CollectionEvent<T>): void {
     if (gen !== this.generation || this.closed) return;
-    if (ev.type === 'put' && ev.value !== undefined) this.items.set(ev.id, { value: ev.value, revision: ev.revision });
-    else this.items.delete(ev.id);
+    if (ev.type === 'put' && ev.value !== undefined) {
+      if (!this.items.has(ev.id)) this.sorted = undefined;
+      this.items.set(ev.id, { value: ev.value, revision: ev.revision });
+    } else if (this.items.delete(ev.id)) this.sorted = undefined;
     this.advance(ev.revision);
     for (const w of [...this.idWaiters]) if (w.id === ev.id) w.check();
   }

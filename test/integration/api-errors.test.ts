@@ -80,6 +80,31 @@ describe('API errors', () => {
     assert.equal(instances.some((i) => i.name === 'noimg'), false);
   });
 
+  it('the instance list pages by name (limit, after, next); a bad limit → 400 HF_ERR_VALIDATION', async () => {
+    for (const n of ['pg-c', 'pg-a', 'pg-b']) await create({ name: n, image: 'tiny' });
+    type Page = { instances: Instance[]; next?: string };
+    const all = await t.d.http.request<Page>('GET', '/api/v1/instances');
+    assert.equal(all.next, undefined);
+    const names = all.instances.map((i) => i.name);
+    assert.deepEqual(names, [...names].sort());
+    const seen: string[] = [];
+    let after: string | undefined;
+    for (let pages = 0; ; pages++) {
+      assert.ok(pages <= names.length, 'paging ends');
+      const p = await t.d.http.request<Page>('GET', `/api/v1/instances?limit=1${after ? `&after=${after}` : ''}`);
+      seen.push(...p.instances.map((i) => i.name));
+      assert.ok(p.instances.length <= 1);
+      if (p.next === undefined) break;
+      after = p.next;
+    }
+    assert.deepEqual(seen, names);
+    const vms = await t.d.http.request<Page>('GET', '/api/v1/instances?type=vm&after=pg-a&limit=5');
+    assert.deepEqual(vms.instances.map((i) => i.name).filter((n) => n.startsWith('pg-')), ['pg-b', 'pg-c']);
+    assert.deepEqual(vms.instances, all.instances.filter((i) => i.type === 'vm' && i.name > 'pg-a').slice(0, 5));
+    await assert.rejects(t.d.http.request('GET', '/api/v1/instances?limit=0'), code('HF_ERR_VALIDATION', 400));
+    for (const n of ['pg-a', 'pg-b', 'pg-c']) assert.equal((await op(t.d.http, 'DELETE', `/api/v1/instances/${n}`)).status, 'success');
+  });
+
   it('malformed JSON → 400 HF_ERR_BAD_JSON', async () => {
     const http = await import('node:http');
     const u = new URL(t.d.url);

@@ -157,4 +157,42 @@ describe('CachedCollection', () => {
     await assert.rejects(cache.list(), /closed/);
     assert.equal(resyncs[0]?.kind, 'closed');
   });
+
+  test('page: id order, after/limit/next, filter, JSON text that follows changes, order kept through inserts and deletes', async () => {
+    const { inner, items, cache } = setup();
+    for (const n of ['d', 'a', 'c', 'b', 'e']) await items.create(n, item(n, n === 'c' || n === 'e' ? 'running' : 'stopped'));
+    await cache.start();
+    const names = (p: { entries: { id: string }[] }) => p.entries.map((e) => e.id);
+    assert.deepEqual(names(await cache.page()), ['a', 'b', 'c', 'd', 'e']);
+    assert.equal((await cache.page()).next, undefined);
+    const p1 = await cache.page({ limit: 2 });
+    assert.deepEqual(names(p1), ['a', 'b']);
+    assert.equal(p1.next, 'b');
+    const p2 = await cache.page({ limit: 2, after: p1.next! });
+    assert.deepEqual(names(p2), ['c', 'd']);
+    const p3 = await cache.page({ limit: 2, after: p2.next! });
+    assert.deepEqual(names(p3), ['e']);
+    assert.equal(p3.next, undefined);
+    // `after` need not be an id that exists.
+    assert.deepEqual(names(await cache.page({ after: 'bb' })), ['c', 'd', 'e']);
+    // A filter counts after filtering; no `next` when nothing it accepts follows.
+    const running = (v: Readonly<Item>) => v.state === 'running';
+    const r1 = await cache.page({ filter: running, limit: 1 });
+    assert.deepEqual(names(r1), ['c']);
+    assert.equal(r1.next, 'c');
+    const r2 = await cache.page({ filter: running, limit: 1, after: 'c' });
+    assert.deepEqual(names(r2), ['e']);
+    assert.equal(r2.next, undefined);
+    // The JSON text is the record's, and a change of the record changes it.
+    const a = (await cache.page({ limit: 1 })).entries[0]!;
+    assert.deepEqual(JSON.parse(a.json.toString()), item('a'));
+    await inner.put('/items/a', item('a', 'paused'));
+    await cache.waitFor('a', (v) => v?.state === 'paused', 2_000);
+    assert.deepEqual(JSON.parse((await cache.page({ limit: 1 })).entries[0]!.json.toString()), item('a', 'paused'));
+    // New and deleted ids change the order the pages follow.
+    await cache.create('bb', item('bb'));
+    await cache.delete('d');
+    assert.deepEqual(names(await cache.page()), ['a', 'b', 'bb', 'c', 'e']);
+    await inner.close();
+  });
 });

@@ -11,7 +11,14 @@ interface ClusterStatus {
   host: string;
   cluster?: { clusterId: string; name: string };
   address?: string;
-  etcd?: { endpoints: string[]; managed: boolean; member: boolean };
+  etcd?: { endpoints: string[]; managed: boolean; member: boolean; space?: { level: string; space?: { dbSizeBytes: number; quotaBytes: number } } };
+}
+
+/** `12.3 MiB of 512 MiB (2%), ok` */
+function describeSpace(s: NonNullable<NonNullable<ClusterStatus['etcd']>['space']>): string {
+  if (!s.space) return `not measured yet (${s.level})`;
+  const mib = (b: number) => `${(b / 1024 ** 2).toFixed(1)} MiB`;
+  return `${mib(s.space.dbSizeBytes)} of ${mib(s.space.quotaBytes)} (${Math.round((100 * s.space.dbSizeBytes) / s.space.quotaBytes)}%), ${s.level}`;
 }
 
 function ago(iso: string | undefined): string {
@@ -128,7 +135,9 @@ export function registerClusterCommands(ctx: CliContext): void {
       const { cluster: st } = await ctx.client().request<{ cluster: ClusterStatus }>('GET', '/api/v1/cluster');
       ctx.print(st, o.format, () =>
         st.clustered
-          ? [`Cluster: ${st.cluster?.name} (${st.cluster?.clusterId})`, `Host:    ${st.host} (${st.address})`, `etcd:    ${st.etcd?.endpoints.join(', ')}${st.etcd?.managed ? '' : ' (yours)'}${st.etcd?.member ? '; a member runs here' : ''}`].join('\n')
+          ? [`Cluster: ${st.cluster?.name} (${st.cluster?.clusterId})`, `Host:    ${st.host} (${st.address})`, `etcd:    ${st.etcd?.endpoints.join(', ')}${st.etcd?.managed ? '' : ' (yours)'}${st.etcd?.member ? '; a member runs here' : ''}`,
+              ...(st.etcd?.space ? [`Space:   ${describeSpace(st.etcd.space)}`] : []),
+            ].join('\n')
           : `Host ${st.host} is not in a cluster.`,
       );
     });

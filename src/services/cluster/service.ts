@@ -282,11 +282,16 @@ export class ClusterService {
     return { url: `https://${urlHost(m.address)}:${m.clusterPort}`, tls: await this.tls() };
   }
 
+  /** Which of `hosts` are offline (this host never is). */
+  async offline(hosts: Iterable<string>): Promise<Set<string>> {
+    const out = new Set<string>();
+    for (const h of new Set(hosts)) if (h !== this.o.hostName && !(await this.o.members.isOnline(h))) out.add(h);
+    return out;
+  }
+
   /** Instances of offline hosts show state `unknown`: what their guests do now nobody here knows. */
   async present(list: Instance[]): Promise<Instance[]> {
-    const offline = new Set<string>();
-    const hosts = new Set(list.map((i) => i.host));
-    for (const h of hosts) if (h !== this.o.hostName && !(await this.o.members.isOnline(h))) offline.add(h);
+    const offline = await this.offline(list.map((i) => i.host));
     if (!offline.size) return list;
     return list.map((i) => (offline.has(i.host) ? ({ ...i, state: 'unknown' } as unknown as Instance) : i));
   }

@@ -6,7 +6,7 @@
 import { HfError } from '../../core/errors.js';
 import { isActive } from '../../core/lifecycle.js';
 import { instanceSchema, nameSchema, type Instance, type InstanceState } from '../../core/model/instance.js';
-import { CachedCollection } from '../../state/cached-collection.js';
+import { CachedCollection, type PageEntry, type PageOptions } from '../../state/cached-collection.js';
 import { Collection, type Versioned } from '../../state/collection.js';
 import type { StateStore } from '../../state/store.js';
 import type { EventBus } from '../events.js';
@@ -25,6 +25,11 @@ export class InstanceRecords {
 
   async list(): Promise<Instance[]> {
     return (await this.collection.list()).map((v) => v.value);
+  }
+
+  /** A page of records in name order with their JSON text, uncopied (see CachedCollection.page). */
+  page(opts: PageOptions<Instance>): Promise<{ entries: PageEntry<Instance>[]; next?: string }> {
+    return this.collection.page(opts);
   }
 
   /** The record; HF_ERR_INVALID_NAME / HF_ERR_INSTANCE_NOT_FOUND otherwise. */
