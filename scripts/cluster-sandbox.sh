@@ -8,6 +8,8 @@
 #   scripts/cluster-sandbox.sh start HOST             start HOST's daemon again (after a kill)
 #   scripts/cluster-sandbox.sh add HOST               one more host (h4…) with a daemon, in no cluster yet
 #   scripts/cluster-sandbox.sh cli HOST ARGS…         run the hyperfold CLI against HOST
+#   scripts/cluster-sandbox.sh cut HOST               cut HOST off the others (its link to the switch down)
+#   scripts/cluster-sandbox.sh mend HOST              connect it again
 #   scripts/cluster-sandbox.sh down                   stop everything and remove all it made
 #
 # Environment: HYPERFOLD_SANDBOX_DIR (default /dev/shm/hyperfold-sandbox: etcd wants fast disks),
@@ -134,5 +136,8 @@ case "${1:-}" in
   start) [ -n "${2:-}" ] || die "usage: $0 start HOST"; start_daemon "$2"; describe "$2" ;;
   add) [ -n "${2:-}" ] || die "usage: $0 add HOST"; [ -d "$BASE/$2" ] && die "$2 exists"; make_host "$2"; start_daemon "$2"; describe "$2" ;;
   cli) [ -n "${2:-}" ] || die "usage: $0 cli HOST ARGS…"; h="$2"; shift 2; cli "$h" "$@" ;;
-  *) die "usage: $0 up N [--ttl S] | down | pid HOST | start HOST | add HOST | cli HOST ARGS…" ;;
+  # The CLI still reaches a cut-off host: it talks to the daemon over its unix socket.
+  cut) [ -n "${2:-}" ] || die "usage: $0 cut HOST"; ip link set "$P-$2" down ;;
+  mend) [ -n "${2:-}" ] || die "usage: $0 mend HOST"; ip link set "$P-$2" up ;;
+  *) die "usage: $0 up N [--ttl S] | down | pid HOST | start HOST | add HOST | cli HOST ARGS… | cut HOST | mend HOST" ;;
 esac

@@ -11,6 +11,8 @@ export interface ClientOptions {
   url?: string;
   token?: string;
   dataDir?: string;
+  /** Told when an answer is marked stale (a cluster member that cannot reach the store served it from its cache). */
+  onStale?: () => void;
 }
 
 export class ApiError extends Error {
@@ -23,8 +25,10 @@ export class ApiClient {
   private readonly socketPath: string | undefined;
   private readonly base: URL | undefined;
   private readonly token: string | undefined;
+  private readonly onStale: (() => void) | undefined;
 
   constructor(opts: ClientOptions = {}) {
+    this.onStale = opts.onStale;
     const url = opts.url ?? process.env.HYPERFOLD_URL;
     const dataDir = opts.dataDir ?? process.env.HYPERFOLD_DATA ?? DEFAULT_DATA_DIR;
     const sock = join(dataDir, 'hyperfold.sock');
@@ -60,6 +64,7 @@ export class ApiClient {
       : { host: this.base!.hostname.replace(/^\[|\]$/g, ''), port: this.base!.port || 80, path, method, headers };
     return new Promise((resolve, reject) => {
       const req = http.request(opts, (res) => {
+        if (res.headers['x-hyperfold-stale'] === 'true') this.onStale?.();
         let text = '';
         res.setEncoding('utf8');
         res.on('data', (c: string) => (text += c));

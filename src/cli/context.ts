@@ -13,9 +13,15 @@ export interface CliContext {
 }
 
 export function createContext(program: Command): CliContext {
+  let warnedStale = false;
+  const onStale = (): void => {
+    if (warnedStale) return;
+    warnedStale = true;
+    console.error('warning: this host cannot reach the cluster store now: what it shows may be out of date, and changes are refused');
+  };
   const client = (): ApiClient => {
     const o = program.opts<{ url?: string; token?: string; dataDir?: string }>();
-    return new ApiClient({ url: o.url, token: o.token, dataDir: o.dataDir });
+    return new ApiClient({ url: o.url, token: o.token, dataDir: o.dataDir, onStale });
   };
   const print = (data: unknown, format: string | undefined, human: () => string): void => {
     if (format === 'json') console.log(JSON.stringify(data, null, 2));

@@ -73,6 +73,11 @@ export class Sandbox {
     await this.parse(await this.script('start', name));
   }
 
+  /** Cuts a host off the others (its link to the switch down), or connects it again. */
+  async link(name: string, up: boolean): Promise<void> {
+    await this.script(up ? 'mend' : 'cut', name);
+  }
+
   /** One more host with a daemon, in no cluster yet. */
   async add(name: string): Promise<SandboxHost> {
     await this.parse(await this.script('add', name));

@@ -83,6 +83,16 @@ describe('a three-host cluster', () => {
     const list = await sb.cli('h2', 'cluster', 'list');
     assert.equal(list.code, 0, list.stderr);
     assert.match(list.stdout, /h1\s+online\s+10\.213\.41\.1\s+member/);
+    // Each member's host watches its etcd database against the quota (the space alert).
+    const space = await until('h2 measured its etcd database', async () => {
+      const { cluster } = await api('h2').request<{ cluster: { etcd: { space?: { level: string; space?: { dbSizeBytes: number; quotaBytes: number } } } } }>('GET', '/api/v1/cluster');
+      return cluster.etcd.space?.space ? cluster.etcd.space : undefined;
+    }, 10_000);
+    assert.equal(space.level, 'ok');
+    assert.ok(space.space!.dbSizeBytes > 0 && space.space!.dbSizeBytes < space.space!.quotaBytes);
+    assert.equal(space.space!.quotaBytes, 512 * 1024 * 1024);
+    const status = await sb.cli('h2', 'cluster', 'status');
+    assert.match(status.stdout, /Space:\s+[\d.]+ MiB of 512\.0 MiB \(\d+%\), ok/);
   });
 
   it('launches a VM and a container on each host through h1; every host lists all six with their hosts', async () => {
@@ -203,6 +213,43 @@ describe('a three-host cluster', () => {
     assert.ok(networks.some((n) => n.name === 'race-a') && networks.some((n) => n.name === 'race-b'));
     await api('h1').request('DELETE', '/api/v1/networks/race-a');
     await api('h1').request('DELETE', '/api/v1/networks/race-b');
+  });
+
+  it('one host cut off: the others see it offline and go on; it keeps its guests, refuses writes, serves stale reads; all heals when it is back', async () => {
+    const vm = (await api('h3').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h3')).instance;
+    await sb.link('h3', false);
+    try {
+      const cutAt = Date.now();
+      await until('h1 sees h3 offline', async () => ((await members('h1')).find((m) => m.name === 'h3')?.state === 'offline' ? true : undefined), (TTL + 5) * 1000);
+      assert.ok(Date.now() - cutAt <= (TTL + 5) * 1000);
+      // The majority (h1, h2 and two etcd members) goes on: writes commit, h3's instances are unknown.
+      await api('h2').request('PATCH', '/api/v1/instances/vm-h1', { description: 'written while h3 was cut off' });
+      const { instances } = await api('h1').request<{ instances: Instance[] }>('GET', '/api/v1/instances');
+      assert.equal(instances.find((i) => i.name === 'vm-h3')?.state as string, 'unknown');
+      assert.equal(instances.find((i) => i.name === 'vm-h2')?.state, 'running');
+      await rejectsCode(api('h1').request('POST', '/api/v1/instances/vm-h3/stop', {}), 'HF_ERR_HOST_OFFLINE', /h3/);
+      // h3 alone (its CLI reaches it over the unix socket): its guest runs, its writes are refused.
+      assert.ok(alive(vm.runtime!.pid), 'h3’s guest keeps running');
+      const write = await sb.cli('h3', 'config', 'set', 'vm-h3', 'description=lost');
+      assert.notEqual(write.code, 0);
+      assert.match(write.stderr, /HF_ERR_CLUSTER_UNAVAILABLE/);
+      const read = await until('h3 marks its answers stale', async () => {
+        const r = await sb.cli('h3', 'list', '--format', 'json');
+        return /cannot reach the cluster store/.test(r.stderr) ? r : undefined;
+      }, 15_000);
+      assert.equal(read.code, 0, read.stderr);
+      assert.ok((JSON.parse(read.stdout) as Instance[]).some((i) => i.name === 'vm-h3'));
+    } finally {
+      await sb.link('h3', true);
+    }
+    await until('h1 sees h3 online again', async () => ((await members('h1')).find((m) => m.name === 'h3')?.state === 'online' ? true : undefined), 60_000);
+    // h3 caught up with what the others wrote, and acts on its own instance again.
+    await until('h3 sees the write made without it', async () => ((await api('h3').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h1')).instance.description === 'written while h3 was cut off' ? true : undefined), 30_000);
+    await until('h3 writes again', async () => (await api('h1').request('PATCH', '/api/v1/instances/vm-h3', { description: 'back' })) ?? true, 30_000);
+    const back = await api('h2').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h3');
+    assert.equal(back.instance.state, 'running');
+    assert.equal(back.instance.description, 'back');
+    assert.equal(back.instance.runtime?.pid, vm.runtime!.pid, 'the same guest');
   });
 
   it('shows a SIGKILLed daemon’s host offline within TTL + 5 s, its instances unknown, its guests running; online again after a restart', async () => {
