@@ -4,7 +4,7 @@
 // joins that must fail, an etcd member lost and every member stopped, a daemon SIGKILLed.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
@@ -165,6 +165,29 @@ describe('a three-host cluster', () => {
     const refused = await sb.cli('h1', 'cluster', 'remove', 'h2');
     assert.notEqual(refused.code, 0);
     assert.match(refused.stderr, /holds 2 instance/);
+  });
+
+  it('init with a guest running: its record moves into etcd with the guest still running; the SQLite file is kept', async () => {
+    const h5 = await sb.add('h5');
+    const made = await h5.api.request<{ instance: Instance; operation: Operation }>('POST', '/api/v1/instances', { name: 'ct-h5', type: 'container', image: 'busybox', memory: '32M', start: true });
+    assert.equal((await h5.api.request<{ operation: Operation }>('GET', `/api/v1/operations/${made.operation.id}?wait=60`)).operation.status, 'success');
+    const guestPid = (await h5.api.request<{ instance: Instance }>('GET', '/api/v1/instances/ct-h5')).instance.runtime!.pid;
+    const init = await sb.cli('h5', 'cluster', 'init', '--name', 'solo', '--address', '10.213.41.5', '--lease-ttl', String(TTL));
+    assert.equal(init.code, 0, init.stderr);
+    const { cluster } = await h5.api.request<{ cluster: { clustered: boolean; cluster: { name: string } } }>('GET', '/api/v1/cluster');
+    assert.deepEqual([cluster.clustered, cluster.cluster.name], [true, 'solo']);
+    const moved = (await h5.api.request<{ instance: Instance }>('GET', '/api/v1/instances/ct-h5')).instance;
+    assert.deepEqual([moved.host, moved.state, moved.runtime?.pid], ['h5', 'running', guestPid]);
+    assert.ok(alive(guestPid), 'the guest ran through the move');
+    assert.ok(existsSync(join(h5.dataDir, 'state.db.pre-cluster')), 'the SQLite file is kept as a backup');
+    assert.equal(existsSync(join(h5.dataDir, 'state.db')), false);
+    // The record is etcd's now: a change is written there and survives a daemon restart.
+    await h5.api.request('PATCH', '/api/v1/instances/ct-h5', { description: 'in etcd' });
+    process.kill(await sb.pid('h5'), 'SIGKILL');
+    await sb.start('h5');
+    const again = (await h5.api.request<{ instance: Instance }>('GET', '/api/v1/instances/ct-h5')).instance;
+    assert.deepEqual([again.description, again.state, again.runtime?.pid], ['in etcd', 'running', guestPid]);
+    await h5.api.request('DELETE', '/api/v1/instances/ct-h5?force=true&wait=60');
   });
 
   it('keeps working with one etcd member killed; its host restarts it', async () => {
