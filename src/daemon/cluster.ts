@@ -41,7 +41,25 @@ export interface ClusterRuntime {
    * host that is only a client of the cluster's members (a member's host watches them).
    */
   etcdSpace?: () => Promise<EtcdSpace>;
+  /** The member records changed: reach the etcd members they name (a cluster's own etcd; yours stays as configured). */
+  refreshEndpoints(members: MemberEtcd[]): Promise<void>;
   close(): Promise<void>;
+}
+
+/** What a member record says of its etcd member. */
+export interface MemberEtcd {
+  etcd?: { clientUrl: string };
+}
+
+/**
+ * The client URLs to reach etcd through: those `known` plus every member's; with `exact`, only the
+ * members' (a removed member's URL goes). undefined when that changes nothing (or would leave none).
+ */
+export function memberEndpoints(known: string[], members: MemberEtcd[], exact = false): string[] | undefined {
+  const theirs = members.map((m) => m.etcd?.clientUrl).filter((u): u is string => !!u);
+  const all = exact ? [...new Set(theirs)] : [...new Set([...known, ...theirs])];
+  if (!all.length) return undefined;
+  return all.length === known.length && all.every((u) => known.includes(u)) ? undefined : all;
 }
 
 /** etcd's own default backend quota, for an etcd the user runs. */
@@ -97,10 +115,8 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     // Members that joined since this host last started run etcd members too: reach all of them,
     // so that losing any one (this host's own included) leaves the store reachable.
     if (config.etcd.managed) {
-      const known = new Set(config.etcd.endpoints);
-      const { entries } = await etcdStore.list<{ etcd?: { clientUrl: string } }>('/cluster/members/');
-      const all = [...known, ...entries.map((e) => e.value.etcd?.clientUrl).filter((u): u is string => !!u && !known.has(u))];
-      if (all.length > known.size) {
+      const all = memberEndpoints(config.etcd.endpoints, (await etcdStore.list<MemberEtcd>('/cluster/members/')).entries.map((e) => e.value));
+      if (all) {
         await etcdStore.close();
         etcdStore = await EtcdStateStore.open({ endpoints: all, tls, prefix: ETCD_PREFIX });
         config = { ...config, etcd: { ...config.etcd, endpoints: all } };
@@ -117,23 +133,24 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     config = { ...config, pendingMove: false, etcd: { ...config.etcd, initialState: 'existing' } };
     await writeClusterConfig(paths, config);
   }
-  const client = etcdStore.client;
+  const store0 = etcdStore;
+  let live: ClusterConfig = config;
   // A member's own database (sizes differ a little between members): a client of its URL alone.
   let own: Etcd3 | undefined;
   let etcdSpace: (() => Promise<EtcdSpace>) | undefined;
   if (supervisor) {
     const pki = (await readHostPki(paths.pkiDir))!;
     etcdSpace = async () => {
-      own ??= etcdClient([etcdUrls(config.address).clientUrl], pki);
+      own ??= etcdClient([etcdUrls(live.address).clientUrl], pki);
       return { dbSizeBytes: Number((await own.maintenance.status()).dbSize), quotaBytes: ETCD_DEFAULTS.quotaBackendBytes };
     };
   } else if (!config.etcd.managed) {
-    etcdSpace = async () => ({ dbSizeBytes: Number((await client.maintenance.status()).dbSize), quotaBytes: ETCD_DEFAULT_QUOTA });
+    etcdSpace = async () => ({ dbSizeBytes: Number((await store0.client.maintenance.status()).dbSize), quotaBytes: ETCD_DEFAULT_QUOTA });
   }
   const membership: EtcdMembership = {
     managed: config.etcd.managed,
-    addMember: async (name, peerUrl) => addMember(client, name, peerUrl),
-    removeMember: async (name) => removeMember(client, name),
+    addMember: async (name, peerUrl) => addMember(store0.client, name, peerUrl),
+    removeMember: async (name) => removeMember(store0.client, name),
   };
   return {
     config,
@@ -143,6 +160,15 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     membership,
     ...(supervisor ? { supervisor } : {}),
     ...(etcdSpace ? { etcdSpace } : {}),
+    refreshEndpoints: async (members) => {
+      if (!live.etcd.managed) return;
+      const all = memberEndpoints(store0.urls, members, true);
+      if (!all) return;
+      store0.setEndpoints(all);
+      live = { ...live, etcd: { ...live.etcd, endpoints: all } };
+      await writeClusterConfig(paths, live);
+      log.info('etcd members changed: reaching them now', { endpoints: all });
+    },
     close: async () => {
       own?.close();
       await etcdStore.close();

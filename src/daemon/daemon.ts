@@ -201,8 +201,13 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
       : undefined;
   if (members) {
     await members.start();
+    // Members come and go: the network overlays follow, and so does the list of etcd members reached.
+    let refreshing = Promise.resolve();
     const stopWatching = members.onChange(() => {
       for (const cb of clusterChangeListeners) cb();
+      refreshing = refreshing
+        .then(async () => cluster?.refreshEndpoints(await members.list()))
+        .catch((e: unknown) => log.warn('cannot update the etcd endpoints', { error: (e as Error).message }));
     });
     closers.push(async () => stopWatching());
   }

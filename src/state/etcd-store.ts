@@ -78,9 +78,15 @@ type Kind = 'read' | 'write';
 /** gRPC call options (a deadline), as the etcd3 client's calls take them. */
 type CallOptions = NonNullable<Parameters<KVClient['range']>[1]>;
 
+/** How long a client replaced by setEndpoints() stays open for the calls and watch streams still on it. */
+const RETIRE_MS = 30_000;
+
 export class EtcdStateStore implements StateStore {
-  private readonly etcd: Etcd3;
-  private readonly endpoints: string[];
+  private etcd: Etcd3;
+  private endpoints: string[];
+  private readonly tls: EtcdTls | undefined;
+  /** Clients replaced by setEndpoints(), closed after RETIRE_MS (or with the store). */
+  private readonly retired = new Map<Etcd3, NodeJS.Timeout>();
   /** The namespace as a key prefix ('' when none). */
   private readonly ns: string;
   private readonly callTimeoutMs: number;
@@ -115,15 +121,41 @@ export class EtcdStateStore implements StateStore {
   private constructor(etcd: Etcd3, endpoints: string[], ns: string, opts: EtcdStoreOptions) {
     this.etcd = etcd;
     this.endpoints = endpoints;
+    this.tls = opts.tls;
     this.ns = ns;
     this.callTimeoutMs = opts.callTimeoutMs ?? 2_500;
     this.onWatcherError =
       opts.onWatcherError ?? ((err, ev) => logLine({ level: 'error', msg: 'state watcher threw', key: ev.key, revision: ev.modRevision, error: errMessage(err) }));
   }
 
-  /** The etcd client, for the cluster code (membership, maintenance). Closed with the store. */
+  /** The etcd client, for the cluster code (membership, maintenance). Closed with the store; ask again after setEndpoints(). */
   get client(): Etcd3 {
     return this.etcd;
+  }
+
+  /** The member URLs the store reaches. */
+  get urls(): string[] {
+    return [...this.endpoints];
+  }
+
+  /**
+   * Reaches etcd through these members from now on (members were added or removed). Calls made
+   * from here use a new client; the old one stays open for a while for what is still on it, so
+   * its watch streams end then and resume on the new client from their last revision.
+   */
+  setEndpoints(urls: string[]): void {
+    if (this.closed) return;
+    const endpoints = checkEndpoints(urls, this.tls !== undefined);
+    if (endpoints.length === this.endpoints.length && endpoints.every((u) => this.endpoints.includes(u))) return;
+    const old = this.etcd;
+    this.etcd = makeClient(endpoints, this.tls);
+    this.endpoints = endpoints;
+    const timer = setTimeout(() => {
+      this.retired.delete(old);
+      old.close();
+    }, RETIRE_MS);
+    timer.unref();
+    this.retired.set(old, timer);
   }
 
   /** Whether the latest call (or probe) reached etcd. */
@@ -319,6 +351,11 @@ export class EtcdStateStore implements StateStore {
     clearInterval(this.probe);
     for (const w of [...this.watches]) w.fail({ kind: 'closed', error: this.closedError() });
     this.listeners.clear();
+    for (const [old, timer] of this.retired) {
+      clearTimeout(timer);
+      old.close();
+    }
+    this.retired.clear();
     this.etcd.close();
   }
 

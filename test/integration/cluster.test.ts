@@ -91,6 +91,12 @@ describe('a three-host cluster', () => {
     assert.equal(space.level, 'ok');
     assert.ok(space.space!.dbSizeBytes > 0 && space.space!.dbSizeBytes < space.space!.quotaBytes);
     assert.equal(space.space!.quotaBytes, 512 * 1024 * 1024);
+    // h1 started its daemon with only its own etcd member; it reaches the members that joined since.
+    const urls = await until('h1 reaches every etcd member', async () => {
+      const { cluster } = await api('h1').request<{ cluster: { etcd: { endpoints: string[] } } }>('GET', '/api/v1/cluster');
+      return cluster.etcd.endpoints.length === 3 ? cluster.etcd.endpoints : undefined;
+    }, 10_000);
+    assert.deepEqual([...urls].sort(), ['https://10.213.41.1:2379', 'https://10.213.41.2:2379', 'https://10.213.41.3:2379']);
     const status = await sb.cli('h2', 'cluster', 'status');
     assert.match(status.stdout, /Space:\s+[\d.]+ MiB of 512\.0 MiB \(\d+%\), ok/);
   });
@@ -203,6 +209,15 @@ describe('a three-host cluster', () => {
     assert.notEqual(after, before);
     const v = await api('h3').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h1');
     assert.equal(v.instance.description, 'written with an etcd member down');
+    // h1's own member frozen: h1 reaches the other two (it learned of them when they joined).
+    const h1etcd = etcdPid(sb.host('h1').dataDir);
+    process.kill(h1etcd, 'SIGSTOP');
+    try {
+      await until('h1 writes through the other members', async () => (await api('h1').request('PATCH', '/api/v1/instances/vm-h1', { description: 'h1 member frozen' })) ?? true, 30_000);
+    } finally {
+      process.kill(h1etcd, 'SIGCONT');
+    }
+    assert.equal((await api('h2').request<{ instance: Instance }>('GET', '/api/v1/instances/vm-h1')).instance.description, 'h1 member frozen');
   });
 
   it('with every etcd member stopped: writes answer HF_ERR_CLUSTER_UNAVAILABLE, reads are served, guests run; all recovers', async () => {

@@ -13,6 +13,7 @@ import { createCa, createHostKeyAndCsr, verifyChain, writeHostPki, signHostCert 
 import { decodeJoinToken, encodeJoinToken, hashSecret, newJoinToken } from '../../src/cluster/token.js';
 import { ClusterMembers } from '../../src/services/cluster/members.js';
 import { EtcdHealth, spaceLevel } from '../../src/services/cluster/etcd-health.js';
+import { memberEndpoints } from '../../src/daemon/cluster.js';
 import { EventBus } from '../../src/services/events.js';
 import { ClusterService, type JoinRequest } from '../../src/services/cluster/service.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
@@ -242,5 +243,15 @@ describe('etcd space alert', () => {
     }
     assert.deepEqual(seen, ['warning', 'critical', 'ok']);
     assert.equal(h.status.space?.dbSizeBytes, 50);
+  });
+
+  it('memberEndpoints: the etcd members to reach, from the member records', () => {
+    const m = (u?: string) => (u ? { etcd: { clientUrl: u } } : {});
+    // Joined members are added to what was known; nothing new → undefined (no change).
+    assert.deepEqual(memberEndpoints(['https://a:2379'], [m('https://a:2379'), m('https://b:2379'), m()]), ['https://a:2379', 'https://b:2379']);
+    assert.equal(memberEndpoints(['https://a:2379', 'https://b:2379'], [m('https://b:2379'), m('https://a:2379')]), undefined);
+    // exact: a removed member's URL goes, but never down to none.
+    assert.deepEqual(memberEndpoints(['https://a:2379', 'https://b:2379'], [m('https://a:2379')], true), ['https://a:2379']);
+    assert.equal(memberEndpoints(['https://a:2379'], [m()], true), undefined);
   });
 });
