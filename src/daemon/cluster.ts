@@ -16,7 +16,7 @@ import { parseInitialCluster } from '../cluster/etcd-args.js';
 import { decodeJoinToken, tokenExpired } from '../cluster/token.js';
 import type { JoinAnswer, JoinManifest, EtcdMembership } from '../services/cluster/service.js';
 import { EtcdStateStore } from '../state/etcd-store.js';
-import { ScopedStore } from '../state/scoped-store.js';
+import { hostScope, ScopedStore } from '../state/scoped-store.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
 import type { StateStore } from '../state/store.js';
 import type { Logger } from '../util/log.js';
@@ -100,7 +100,7 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     await supervisor?.stop();
     throw e;
   }
-  const store = new ScopedStore(etcdStore, { scope: `/local/${hostName}`, prefixes: LOCAL_PREFIXES });
+  const store = new ScopedStore(etcdStore, { scope: hostScope(hostName), prefixes: LOCAL_PREFIXES });
   if (config.pendingMove) {
     await moveSqliteIntoCluster(dataDir, paths, store, log);
     config = { ...config, pendingMove: false, etcd: { ...config.etcd, initialState: 'existing' } };
