@@ -20,6 +20,11 @@ export interface RouteSpec<B = unknown, Q = unknown, P = unknown> {
   responses: Record<number, string>;
   /** Documented here but served by a streaming handler registered elsewhere (SSE, websocket). */
   docOnly?: boolean;
+  /**
+   * Only the other hosts of the cluster may call it: on the cluster listener, with a client
+   * certificate signed by the cluster's CA (never with the admin token, never on the unix socket).
+   */
+  peerOnly?: boolean;
   handler: (req: { body: B; query: Q; params: P; raw: FastifyRequest; forward?: ForwardTo }, reply: FastifyReply) => Promise<unknown>;
 }
 

@@ -101,6 +101,8 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     forceCloseConnections: true,
   }) as unknown as FastifyInstance;
   await app.register(websocket);
+  const table = buildRouteTable(svc, opts.version);
+  const peerOnly = new Set(table.routes.filter((r) => r.peerOnly).map((r) => r.url));
 
   app.addHook('onRequest', async (req) => {
     if (req.url === '/api/v1/openapi.json' || req.url === '/') return;
@@ -114,6 +116,10 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
         throw new HfError('HF_ERR_UNAUTHORIZED', `client certificate refused: not signed by this cluster's CA (${String(socket.authorizationError)})`);
       }
       if (!opts.token) throw new HfError('HF_ERR_UNAUTHORIZED', "this listener requires a client certificate signed by the cluster's CA");
+    }
+    // Whatever the credential, a route between hosts answers only to another host's certificate.
+    if (peerOnly.has(req.routeOptions.url ?? '')) {
+      throw new HfError('HF_ERR_FORBIDDEN', `${req.method} ${req.url.split('?')[0]} is for the other hosts of the cluster only (their cluster certificate, on the cluster listener)`);
     }
     if (!opts.token) return;
     const header = req.headers.authorization;
@@ -159,7 +165,6 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     void reply.status(404).send({ error: { code: 'HF_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}` } });
   });
 
-  const table = buildRouteTable(svc, opts.version);
   // In a cluster, after the authentication above: requests about another host's records go there.
   let forwarder: Forwarder | undefined;
   if (svc.cluster) {

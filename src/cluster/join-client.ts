@@ -4,6 +4,7 @@
 import { request } from 'node:https';
 import { HfError } from '../core/errors.js';
 import { CLUSTER_PORT } from './config.js';
+import { errorFromAnswer } from './peer-client.js';
 import { fingerprint } from './pki.js';
 
 interface HttpsAnswer {
@@ -72,7 +73,5 @@ export async function fetchPinnedCa(memberUrl: string, expectedFingerprint: stri
 export async function requestJoin<T>(memberUrl: string, caPem: string, body: unknown): Promise<T> {
   const res = await call(joinUrl(memberUrl, 'api/v1/cluster/members'), { method: 'POST', body, ca: caPem, timeoutMs: 60_000 });
   if (res.status >= 200 && res.status < 300) return res.body as T;
-  const err = (res.body as { error?: { code?: string; message?: string; details?: Record<string, unknown> } }).error;
-  if (err?.code && err.message) throw new HfError(err.code as 'HF_ERR_INTERNAL', err.message, err.details ? { details: err.details } : {});
-  throw new HfError('HF_ERR_INTERNAL', `the member at ${memberUrl} refused the join: HTTP ${res.status} ${JSON.stringify(res.body).slice(0, 200)}`);
+  throw errorFromAnswer(res.status, res.body, `the member at ${memberUrl} refused the join`);
 }

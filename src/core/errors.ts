@@ -35,6 +35,8 @@ export const ERROR_CODES = {
   HF_ERR_UNSUPPORTED: 422,
   /** A file that is not a usable disk image (unknown, truncated, corrupt). */
   HF_ERR_BAD_IMAGE: 422,
+  /** A file fetched from another host does not match the SHA-256 its image record carries. */
+  HF_ERR_CHECKSUM_MISMATCH: 422,
   /** A storage pool has no room for what was asked. */
   HF_ERR_POOL_FULL: 507,
   HF_ERR_MISSING_DEPENDENCY: 500,

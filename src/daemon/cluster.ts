@@ -18,7 +18,7 @@ import type { EtcdSpace } from '../services/cluster/etcd-health.js';
 import type { JoinAnswer, JoinManifest, EtcdMembership } from '../services/cluster/service.js';
 import type { Etcd3 } from 'etcd3';
 import { EtcdStateStore } from '../state/etcd-store.js';
-import { ScopedStore } from '../state/scoped-store.js';
+import { hostScope, ScopedStore } from '../state/scoped-store.js';
 import { SqliteStateStore } from '../state/sqlite-store.js';
 import type { StateStore } from '../state/store.js';
 import type { Logger } from '../util/log.js';
@@ -127,7 +127,7 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
     await supervisor?.stop();
     throw e;
   }
-  const store = new ScopedStore(etcdStore, { scope: `/local/${hostName}`, prefixes: LOCAL_PREFIXES });
+  const store = new ScopedStore(etcdStore, { scope: hostScope(hostName), prefixes: LOCAL_PREFIXES });
   if (config.pendingMove) {
     await moveSqliteIntoCluster(dataDir, paths, store, log);
     config = { ...config, pendingMove: false, etcd: { ...config.etcd, initialState: 'existing' } };

@@ -112,7 +112,8 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   /** Told when members join, leave, go offline or come back (the network overlay's peers). */
   const clusterChangeListeners: (() => void)[] = [];
   const closers: (() => Promise<void>)[] = [];
-  const images = new ImageService(store, { imagesDir: paths.imagesDir, cacheDir: paths.cacheDir }, operations);
+  const images = new ImageService(store, { imagesDir: paths.imagesDir, cacheDir: paths.cacheDir }, operations, log.child({ component: 'images' }));
+  await images.init();
   images.registerBuilder(await tinyImageBuilder());
   for (const b of containerImageBuilders()) images.registerBuilder(b);
   // Areas that hook into the instance lifecycle (snapshot records…) add themselves here.
@@ -211,7 +212,11 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     });
     closers.push(async () => stopWatching());
   }
-  if (clusterService) clusterHosts = () => clusterService.placementHosts();
+  if (clusterService) {
+    clusterHosts = () => clusterService.placementHosts();
+    // An image another host holds is fetched from it when this host needs it.
+    images.setPeers(clusterService.imagePeers());
+  }
   // The etcd space alert (cluster.etcd-space events, a log line) where this host watches a database.
   const etcdHealth = cluster?.etcdSpace
     ? new EtcdHealth({ host: config.hostName, events, log: log.child({ component: 'etcd' }), space: cluster.etcdSpace, intervalMs: Number(process.env.HYPERFOLD_ETCD_HEALTH_MS ?? 60_000) })

@@ -12,6 +12,7 @@ import { z } from 'zod';
 import { buildBusyboxImage, readBusyboxManifest, type BusyboxManifest } from '../images/container/busybox.js';
 import { buildDebianImage, readDebianManifest, type DebianManifest } from '../images/container/debian.js';
 import { IMPORT_FORMATS, importContainerImage } from '../images/container/oci.js';
+import { imageChecksums } from '../images/digest.js';
 import type { Logger } from '../util/log.js';
 import type { EventBus } from './events.js';
 import type { ImageBuilder, ImageService } from './images.js';
@@ -141,12 +142,13 @@ export class ContainerService {
   /** Imports an OCI image or a rootfs tarball from a path on this host, as an operation. */
   async importImage(body: unknown): Promise<Operation> {
     const req = parseInput(importRequestSchema, body);
-    if (await this.d.images.find(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `image "${req.name}" already exists`);
-    if (this.d.images.buildable().includes(req.name)) throw new HfError('HF_ERR_CONFLICT', `"${req.name}" is the name of a built-in image`);
+    await this.d.images.checkNewName(req.name);
     return this.d.operations.start('image.import', { kind: 'image', name: req.name }, async (ctx) => {
       const dest = this.d.images.dir(req.name);
       try {
         const m = await importContainerImage({ source: req.source, format: req.format, destDir: dest, workDir: this.d.cacheDir, progress: (p, msg) => ctx.progress(p, msg) });
+        ctx.progress(95, 'computing the root filesystem’s digest');
+        const sha256 = await imageChecksums(dest, { trees: ['rootfs'] });
         const rec = await this.d.images.register({
           name: req.name,
           type: 'container',
@@ -155,7 +157,7 @@ export class ContainerService {
           rootfs: { path: join(dest, 'rootfs'), format: 'dir' },
           defaults: {},
           sizeBytes: m.sizeBytes,
-          sha256: {},
+          sha256,
           createdAt: m.importedAt,
           details: { init: m.init, env: m.env, cwd: m.cwd, stopSignal: 'SIGTERM', format: m.format, source: m.source },
         });
@@ -174,14 +176,14 @@ export class ContainerService {
 /** `busybox`: built from the host's busybox-static on first use (it takes well under a second). */
 export function busyboxImageBuilder(): ImageBuilder {
   let building: Promise<BusyboxManifest> | undefined;
-  const describe = (dir: string, m: BusyboxManifest) => ({
+  const describe = async (dir: string, m: BusyboxManifest) => ({
     description: `BusyBox ${m.busyboxVersion} system container (busybox init)`,
     rootfs: { path: join(dir, 'rootfs'), format: 'dir' as const },
     defaults: {},
     sizeBytes: m.sizeBytes,
-    sha256: { busybox: m.sha256 },
+    sha256: await imageChecksums(dir, { trees: ['rootfs'] }),
     createdAt: m.builtAt,
-    details: { init: ['/sbin/init'], stopSignal: 'SIGTERM', busyboxVersion: m.busyboxVersion },
+    details: { init: ['/sbin/init'], stopSignal: 'SIGTERM', busyboxVersion: m.busyboxVersion, busyboxSha256: m.sha256 },
   });
   const make = (dir: string, progress?: (p: number, m: string) => void) => (building ??= buildBusyboxImage(dir, progress).finally(() => (building = undefined)));
   return {
@@ -198,12 +200,12 @@ export function busyboxImageBuilder(): ImageBuilder {
 
 /** `debian-12`: debootstrap of bookworm (cached), sysvinit as PID 1. */
 export function debianImageBuilder(): ImageBuilder {
-  const describe = (dir: string, m: DebianManifest) => ({
+  const describe = async (dir: string, m: DebianManifest) => ({
     description: `Debian 12 (${m.suite}) system container with sysvinit`,
     rootfs: { path: join(dir, 'rootfs'), format: 'dir' as const },
     defaults: {},
     sizeBytes: m.sizeBytes,
-    sha256: {},
+    sha256: await imageChecksums(dir, { trees: ['rootfs'] }),
     createdAt: m.builtAt,
     details: { init: ['/usr/local/sbin/hyperfold-init'], stopSignal: 'SIGPWR', suite: m.suite, mirror: m.mirror, packages: m.packages, files: m.files },
   });

@@ -150,13 +150,7 @@ export class InstanceService {
    */
   async create(body: unknown, caller?: CreateCaller): Promise<Instance> {
     const req = parseInput(createInstanceSchema, body);
-    if (req.target !== undefined && req.target !== this.d.hostName) {
-      throw new HfError('HF_ERR_HOST_NOT_FOUND', `no host named "${req.target}": this host is "${this.d.hostName}" and it creates instances on itself only`, {
-        details: { target: req.target, hosts: [this.d.hostName] },
-      });
-    }
-    const driver = this.driver(req.type);
-    if (await this.records.collection.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
+    const driver = await this.checkCreate(req);
 
     return this.locks.run(req.name, 'create', () =>
       UndoStack.run(async (undo) => {
@@ -216,13 +210,26 @@ export class InstanceService {
     );
   }
 
+  /** The checks of a create that need no image: this host, a driver for the type, a free name. */
+  private async checkCreate(req: CreateInstance): Promise<InstanceDriver> {
+    if (req.target !== undefined && req.target !== this.d.hostName) {
+      throw new HfError('HF_ERR_HOST_NOT_FOUND', `no host named "${req.target}": this host is "${this.d.hostName}" and it creates instances on itself only`, {
+        details: { target: req.target, hosts: [this.d.hostName] },
+      });
+    }
+    const driver = this.driver(req.type);
+    if (await this.records.collection.get(req.name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.name}" already exists`);
+    return driver;
+  }
+
   /**
    * What placement weighs for a create request: its name, type, size (with its image's defaults,
    * as the create will take them) and the placement fields. Validates the request as create does.
    */
   async placementRequest(body: unknown): Promise<PlacementRequest> {
     const req = parseInput(createInstanceSchema, body);
-    const image = req.image ? await this.d.images.get(req.image) : undefined;
+    // In a cluster the image may be another host's (a create here fetches it first).
+    const image = req.image ? await this.d.images.describe(req.image) : undefined;
     const size = this.sizeOf(req, image, explicitSize(body));
     return {
       name: req.name,
@@ -277,13 +284,41 @@ export class InstanceService {
     };
   }
 
-  /** Create then (optionally) start, as one operation. */
-  async createOperation(body: unknown, opts: { placementReason?: string } = {}): Promise<{ instance: Instance; operation?: Operation }> {
+  /**
+   * Create then (optionally) start. The create itself is quick: it answers the instance, and the
+   * start's operation when asked to start. An image that another host of the cluster holds and
+   * this one does not must be fetched first: then the whole create is one operation
+   * (`instance.create`) that shows the fetch's progress, creates and starts, and answers no
+   * instance yet.
+   */
+  async createOperation(body: unknown, opts: { placementReason?: string } = {}): Promise<{ instance?: Instance; operation?: Operation }> {
     const start = typeof body === 'object' && body !== null && (body as { start?: unknown }).start === true;
-    const inst = await this.create(body, { placementReason: opts.placementReason });
-    if (!start) return { instance: inst };
-    const operation = await this.action(inst.name, 'start');
-    return { instance: inst, operation };
+    const req = parseInput(createInstanceSchema, body);
+    if (!req.image || !(await this.d.images.needsFetch(req.image))) {
+      const inst = await this.create(body, { placementReason: opts.placementReason });
+      if (!start) return { instance: inst };
+      const operation = await this.action(inst.name, 'start');
+      return { instance: inst, operation };
+    }
+    await this.checkCreate(req);
+    const image = req.image;
+    const operation = await this.d.operations.start(
+      'instance.create',
+      { kind: 'instance', name: req.name },
+      async (ctx) => {
+        await this.d.images.ensure(image, ctx);
+        // A cancel while the image came stops here; once the create begins it goes to the end.
+        ctx.signal.throwIfAborted();
+        ctx.progress(90, `creating ${req.name}`);
+        const inst = await this.create(body, { placementReason: opts.placementReason });
+        if (!start) return { instance: inst.name, state: inst.state };
+        ctx.progress(95, `starting ${req.name}`);
+        await this.locked(inst.name, 'start', ctx, () => this.runAction(inst.name, 'start', {}, ctx));
+        return { instance: inst.name, state: 'running' };
+      },
+      { cancellable: true },
+    );
+    return { operation };
   }
 
   // ---- update --------------------------------------------------------------------------------
@@ -353,35 +388,36 @@ export class InstanceService {
    */
   async action(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<Operation> {
     const inst = (await this.loadOwn(name)).value;
-    const check: LifecycleAction = action === 'stop' && opts.force ? 'kill' : action;
     const queued = this.locks.busy(name);
-    if (!queued) this.allowed(inst, check);
+    if (!queued) this.allowed(inst, checkedAs(action, opts.force));
     // Only a graceful stop's wait for the guest can stop half-way and leave things as they were.
     const cancellable = action === 'stop' && !opts.force;
     return this.d.operations.start(
       `instance.${action}`,
       { kind: 'instance', name },
-      (ctx) =>
-        this.locked(name, action, ctx, async () => {
-          this.allowed((await this.load(name)).value, check);
-          switch (action) {
-            case 'start':
-              return this.runner.start(name, ctx);
-            case 'stop':
-              return opts.force ? this.runner.stop(name, ctx, { force: true }) : this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs });
-            case 'kill':
-              return this.runner.stop(name, ctx, { force: true });
-            case 'restart':
-              await this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
-              return this.runner.start(name, ctx);
-            case 'pause':
-              return this.runner.pause(name, true);
-            case 'resume':
-              return this.runner.pause(name, false);
-          }
-        }),
+      (ctx) => this.locked(name, action, ctx, () => this.runAction(name, action, opts, ctx)),
       { cancellable, queued },
     );
+  }
+
+  /** Runs a lifecycle action on an instance whose lock the caller holds, after checking it is allowed now. */
+  private async runAction(name: string, action: LifecycleAction, opts: { force?: boolean; timeoutMs?: number }, ctx: OperationContext): Promise<unknown> {
+    this.allowed((await this.load(name)).value, checkedAs(action, opts.force));
+    switch (action) {
+      case 'start':
+        return this.runner.start(name, ctx);
+      case 'stop':
+        return opts.force ? this.runner.stop(name, ctx, { force: true }) : this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs });
+      case 'kill':
+        return this.runner.stop(name, ctx, { force: true });
+      case 'restart':
+        await this.runner.stop(name, ctx, { timeoutMs: opts.timeoutMs, force: opts.force });
+        return this.runner.start(name, ctx);
+      case 'pause':
+        return this.runner.pause(name, true);
+      case 'resume':
+        return this.runner.pause(name, false);
+    }
   }
 
   async delete(name: string, opts: { force?: boolean } = {}): Promise<Operation> {
@@ -529,6 +565,11 @@ export class InstanceService {
     }
     return v;
   }
+}
+
+/** The action the lifecycle table judges: a forced stop is a kill. */
+function checkedAs(action: LifecycleAction, force: boolean | undefined): LifecycleAction {
+  return action === 'stop' && force ? 'kill' : action;
 }
 
 /** Which of vcpus and memory the user gave (the others may come from the image's defaults). */

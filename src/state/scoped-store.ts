@@ -13,6 +13,11 @@
 import { HfError } from '../core/errors.js';
 import type { Compare, KvEntry, LeaseId, LeaseStatus, ListResult, PutOptions, StateStore, TxnOp, TxnResult, Watch, WatchEvent, WatchFailure, WatchOptions } from './store.js';
 
+/** The per-host area of `host` in a cluster's store: its pools, volumes and image records live under it. */
+export function hostScope(host: string): string {
+  return `/local/${host}`;
+}
+
 export interface ScopedStoreOptions {
   /** The per-host area, e.g. '/local/h1' (starts with '/', no trailing '/'). */
   scope: string;

@@ -1,8 +1,6 @@
 // Disk files through qemu-img: blank disks, overlays (linked clones), conversion with progress,
 // consistency checks, space estimates, resizing, internal snapshots and inspection.
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { HfError } from '../core/errors.js';
 import { run } from '../util/exec.js';
@@ -201,15 +199,4 @@ export async function readQcow2Backing(path: string): Promise<string | undefined
   } finally {
     await fh.close();
   }
-}
-
-/** sha256 of a file, hex. */
-export function sha256File(path: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const h = createHash('sha256');
-    createReadStream(path)
-      .on('data', (d) => h.update(d))
-      .on('error', reject)
-      .on('end', () => resolve(h.digest('hex')));
-  });
 }

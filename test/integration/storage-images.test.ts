@@ -83,7 +83,7 @@ describe('image import, publish and export with real qemu-img and QEMU (TCG)', (
     assert.equal(info.format, 'qcow2');
     assert.equal(info.virtualSize, 64 * MiB);
     assert.equal(img.sha256['disk.qcow2'], createHash('sha256').update(await readFile(img.disk!.path)).digest('hex'));
-    assert.equal(img.sha256.source, createHash('sha256').update(await readFile(vmdk)).digest('hex'));
+    assert.equal(img.details.sourceSha256, createHash('sha256').update(await readFile(vmdk)).digest('hex'));
     assert.equal((await stat(img.disk!.path)).mode & 0o222, 0, 'image disks are read-only');
     // The import was an operation with progress from qemu-img convert.
     const { operations } = await t.d.api.request<{ operations: Operation[] }>('GET', '/api/v1/operations');
@@ -194,7 +194,7 @@ describe('image import, publish and export with real qemu-img and QEMU (TCG)', (
     assert.equal(ok.status, 'success', JSON.stringify(ok.error));
     const img = (await t.d.api.request<{ image: ImageRecord }>('GET', '/api/v1/images/fromurl')).image;
     assert.equal(img.details.sourceFile, 'appliance.vmdk');
-    assert.equal(img.sha256.source, createHash('sha256').update(await readFile(file)).digest('hex'));
+    assert.equal(img.details.sourceSha256, createHash('sha256').update(await readFile(file)).digest('hex'));
     const missing = await op(t.d.api, 'POST', '/api/v1/images/import', { name: 'nourl', source: `http://127.0.0.1:${port}/nope.vmdk` });
     assert.equal(missing.status, 'failure');
     assert.match(missing.error!.message, /HTTP 404/);

@@ -1,4 +1,7 @@
+// System routes: the API root, this host, operations (show, wait, cancel) and images (list, show,
+// build, fetch from another host, delete; and the files route the other hosts fetch from).
 import { z } from 'zod';
+import { IMAGE_BYTES_HEADER } from '../../core/model/image.js';
 import { isFinished } from '../../core/model/operation.js';
 import type { RouteTable } from '../routes.js';
 import type { ApiServices } from '../services.js';
@@ -61,20 +64,50 @@ export function registerSystemRoutes(t: RouteTable, svc: ApiServices): void {
   t.add({
     method: 'GET',
     url: '/api/v1/images',
-    summary: 'List images',
+    summary: "List images; in a cluster every host's, each with the hosts that hold it (`hosts`)",
     tag: 'images',
     responses: { 200: '{ images }' },
-    handler: async () => ({ images: await svc.images.list() }),
+    handler: async () => ({ images: await svc.images.overview() }),
   });
 
   t.add<unknown, unknown, { name: string }>({
     method: 'GET',
     url: '/api/v1/images/:name',
-    summary: 'Show an image',
+    summary: "Show an image: this host's record, or in a cluster another host's, with the hosts that hold it (`hosts`)",
     tag: 'images',
     params: z.object({ name: z.string() }),
     responses: { 200: '{ image }' },
-    handler: async ({ params }) => ({ image: await svc.images.get(params.name) }),
+    handler: async ({ params }) => ({ image: await svc.images.show(params.name) }),
+  });
+
+  t.add<{ from?: string }, unknown, { name: string }>({
+    method: 'POST',
+    url: '/api/v1/images/:name/fetch',
+    summary: 'Fetch an image from another host of the cluster (`from`, or any online host that holds it), checked against its SHA-256 checksums, as an operation',
+    tag: 'images',
+    params: z.object({ name: z.string() }),
+    body: z.object({ from: z.string().min(1).optional() }).strict(),
+    responses: { 202: '{ operation }' },
+    handler: async ({ params, body }, reply) => {
+      const operation = await svc.images.fetch(params.name, { from: body.from });
+      void reply.status(202).header('location', `/api/v1/operations/${operation.id}`);
+      return { operation };
+    },
+  });
+
+  t.add<unknown, unknown, { name: string }>({
+    method: 'GET',
+    url: '/api/v1/images/:name/files',
+    summary: "This host's files of an image as a tar stream (for another host that fetches it; cluster certificate only). Header x-hyperfold-image-bytes: bytes of file data",
+    tag: 'images',
+    params: z.object({ name: z.string() }),
+    responses: { 200: 'application/x-tar' },
+    peerOnly: true,
+    handler: async ({ params }, reply) => {
+      const { stream, bytes } = await svc.images.files(params.name);
+      void reply.type('application/x-tar').header(IMAGE_BYTES_HEADER, String(bytes));
+      return stream;
+    },
   });
 
   t.add<unknown, unknown, { name: string }>({

@@ -1,8 +1,8 @@
 // Host, operation, image and daemon verbs.
 import { isFinished, type Operation } from '../../core/model/operation.js';
-import { formatMiB } from '../../core/units.js';
+import { formatBytes, formatMiB } from '../../core/units.js';
 import type { HostInfo } from '../../core/model/host.js';
-import type { ImageRecord } from '../../core/model/image.js';
+import type { ImageView } from '../../core/model/image.js';
 import type { CliContext } from '../context.js';
 import { table } from '../format.js';
 
@@ -86,16 +86,35 @@ export function registerSystemCommands(ctx: CliContext): void {
   const image = ctx.program.command('image').description('images');
   image
     .command('list')
+    .description('list images (in a cluster: every host\'s, with the hosts that hold each)')
     .option('--format <fmt>', 'table or json', 'table')
     .action(async (o: { format: string }) => {
-      const { images } = await ctx.client().request<{ images: ImageRecord[] }>('GET', '/api/v1/images');
-      ctx.print(images, o.format, () => table(['NAME', 'TYPE', 'SOURCE', 'SIZE', 'CREATED', 'DESCRIPTION'], images.map((i) => [i.name, i.type, i.source, formatMiB(Math.round(i.sizeBytes / 1048576)), i.createdAt, i.description])));
+      const { images } = await ctx.client().request<{ images: ImageView[] }>('GET', '/api/v1/images');
+      const clustered = images.some((i) => i.hosts !== undefined);
+      const size = (i: ImageView) => formatMiB(Math.round(i.sizeBytes / 1048576));
+      ctx.print(images, o.format, () =>
+        clustered
+          ? table(['NAME', 'TYPE', 'SOURCE', 'SIZE', 'HOSTS', 'CREATED', 'DESCRIPTION'], images.map((i) => [i.name, i.type, i.source, size(i), (i.hosts ?? []).join(','), i.createdAt, i.description]))
+          : table(['NAME', 'TYPE', 'SOURCE', 'SIZE', 'CREATED', 'DESCRIPTION'], images.map((i) => [i.name, i.type, i.source, size(i), i.createdAt, i.description])),
+      );
     });
   image
     .command('info <name>')
+    .alias('show')
+    .description('show an image (in a cluster also one only other hosts hold, with the hosts that hold it)')
     .action(async (name: string) => {
-      const { image: i } = await ctx.client().request<{ image: ImageRecord }>('GET', `/api/v1/images/${name}`);
+      const { image: i } = await ctx.client().request<{ image: ImageView }>('GET', `/api/v1/images/${name}`);
       console.log(JSON.stringify(i, null, 2));
+    });
+  image
+    .command('fetch <name>')
+    .description('fetch an image from another host of the cluster (checked against its SHA-256 checksums)')
+    .option('--from <host>', 'the host to fetch it from (default: any online host that holds it)')
+    .action(async (name: string, o: { from?: string }) => {
+      const { operation: op } = await ctx.client().request<{ operation: Operation }>('POST', `/api/v1/images/${name}/fetch`, o.from ? { from: o.from } : {});
+      const done = await ctx.follow(op);
+      const r = done.result as { from: string; sizeBytes: number };
+      console.log(`image ${name} fetched from ${r.from} (${formatBytes(r.sizeBytes)})`);
     });
   image
     .command('build <name>')

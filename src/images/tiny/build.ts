@@ -6,9 +6,9 @@
 //   disk     64 MiB ext4 (`mke2fs -d`) holding /hyperfold-disk, converted to qcow2
 // The image is assembled in a temp dir beside destDir and moved into place with rename().
 
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createWriteStream } from 'node:fs';
 import { chmod, copyFile, mkdir, mkdtemp, readFile, readdir, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -17,6 +17,7 @@ import { HfError } from '../../core/errors.js';
 import { TINY_CMDLINE, TINY_DISK_MARKER, guestFiles } from './guest.js';
 import { modulesDep, selectModules, type WantedModule } from './modules.js';
 import { killGroup, run as runCommand, type RunOptions } from '../../util/exec.js';
+import { sha256File } from '../../util/hash.js';
 import { isStaticElf, missingDependency, requireTools } from './tools.js';
 
 export { TINY_CMDLINE, TINY_DISK_MARKER, TINY_READY_MARKER } from './guest.js';
@@ -405,12 +406,6 @@ async function buildDisk(tools: { mke2fs: string; 'qemu-img': string }, work: st
   await run(tools.mke2fs, ['-q', '-F', '-t', 'ext4', '-L', 'hyperfold-tiny', '-m', '0', '-E', 'root_owner=0:0', '-d', src, raw, DISK_SIZE], { signal });
   await run(tools['qemu-img'], ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, dest], { signal });
   await rm(raw, { force: true });
-}
-
-async function sha256File(path: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
-  return h.digest('hex');
 }
 
 /**

@@ -1,20 +1,25 @@
 // The cluster as the API sees it: its members (members.ts), join tokens, admitting a host (the
 // member side of a join), removing one, and where a request about an instance or an operation has
-// to go (the API forwards it there). Keys: `/cluster/info`, `/cluster/pki/ca`,
+// to go (the API forwards it there); and the other hosts' images for the image service (their
+// records in their areas of the store, their files from their cluster listeners). Keys: `/cluster/info`, `/cluster/pki/ca`,
 // `/cluster/members/<host>`, `/cluster/alive/<host>` (leased), `/cluster/tokens/<id>` (leased),
 // `/cluster/tokens-used/<id>` (leased).
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { HfError } from '../../core/errors.js';
+import { IMAGE_BYTES_HEADER, imageRecordSchema } from '../../core/model/image.js';
 import type { Instance } from '../../core/model/instance.js';
 import type { PlacementHost } from '../../core/placement.js';
 import { networkSchema, ipReservationSchema, type Network, type IpReservation } from '../../network/model.js';
 import { etcdUrls, urlHost } from '../../cluster/config.js';
+import { getFromPeer } from '../../cluster/peer-client.js';
 import { fingerprint, signHostCert } from '../../cluster/pki.js';
 import { decodeJoinToken, encodeJoinToken, hashSecret, newJoinToken, secretMatches, tokenExpired } from '../../cluster/token.js';
+import { hostScope } from '../../state/scoped-store.js';
 import type { StateStore } from '../../state/store.js';
 import type { Logger } from '../../util/log.js';
+import type { ImagePeers, PeerImage } from '../images.js';
 import type { InstanceService } from '../instances.js';
 import type { ClusterMembers, HostView, Member } from './members.js';
 
@@ -287,6 +292,37 @@ export class ClusterService {
     const out = new Set<string>();
     for (const h of new Set(hosts)) if (h !== this.o.hostName && !(await this.o.members.isOnline(h))) out.add(h);
     return out;
+  }
+
+  /**
+   * The other hosts as the image service needs them: their image records (each host's own, under
+   * its area of the store, read as they are now) and their image files, downloaded from their
+   * cluster listeners with this host's certificate.
+   */
+  imagePeers(): ImagePeers {
+    return {
+      localHost: this.o.hostName,
+      records: async (name) => {
+        const out: PeerImage[] = [];
+        for (const m of await this.o.members.list()) {
+          if (m.name === this.o.hostName) continue;
+          const prefix = `${hostScope(m.name)}/images/`;
+          const values = name === undefined ? (await this.o.store.list(prefix)).entries.map((e) => e.value) : [(await this.o.store.get(prefix + name))?.value];
+          const online = await this.o.members.isOnline(m.name);
+          for (const v of values) {
+            const rec = imageRecordSchema.safeParse(v);
+            if (rec.success) out.push({ host: m.name, online, record: rec.data });
+          }
+        }
+        return out;
+      },
+      download: async (host, name, signal) => {
+        const ep = await this.endpoint(host);
+        const res = await getFromPeer(`${ep.url}/api/v1/images/${encodeURIComponent(name)}/files`, ep.tls, { host, signal });
+        const bytes = Number(res.headers[IMAGE_BYTES_HEADER]);
+        return { stream: res, ...(Number.isFinite(bytes) && bytes >= 0 ? { bytes } : {}) };
+      },
+    };
   }
 
   /** Instances of offline hosts show state `unknown`: what their guests do now nobody here knows. */

@@ -7,15 +7,17 @@ import { chmod, mkdir, mkdtemp, rename, rm, stat, statfs } from 'node:fs/promise
 import { basename, dirname, isAbsolute, join } from 'node:path';
 import { HfError } from '../../core/errors.js';
 import type { ImageRecord } from '../../core/model/image.js';
-import { nameSchema, type BootConfig, type DiskConfig, type Instance } from '../../core/model/instance.js';
+import type { BootConfig, DiskConfig, Instance } from '../../core/model/instance.js';
 import type { Operation } from '../../core/model/operation.js';
 import { parseSize } from '../../core/units.js';
 import { parseInput } from '../../core/validate.js';
+import { imageChecksums } from '../../images/digest.js';
 import { checkRoom } from '../../storage/accounting.js';
 import { download } from '../../storage/download.js';
 import { inspectSource, type DiskSource } from '../../storage/import.js';
 import { DEFAULT_POOL, exportSchema, importImageSchema, publishSchema, type ImportImageRequest, type PoolRecord } from '../../storage/model.js';
-import { sha256File, type QemuImg } from '../../storage/qemu-img.js';
+import type { QemuImg } from '../../storage/qemu-img.js';
+import { sha256File } from '../../util/hash.js';
 import type { Logger } from '../../util/log.js';
 import { UndoStack } from '../../util/undo.js';
 import type { EventBus } from '../events.js';
@@ -75,10 +77,8 @@ export class ImageTransferService {
   }
 
   private async checkNewImageName(name: string): Promise<void> {
-    if (!nameSchema.safeParse(name).success) throw new HfError('HF_ERR_INVALID_NAME', `"${name}" is not a valid image name`);
     if (this.busyImages.has(name)) throw new HfError('HF_ERR_BUSY', `image "${name}" is being created right now`);
-    if (await this.d.images.find(name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `image "${name}" already exists`);
-    if (this.d.images.buildable().includes(name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `"${name}" is the name of a built-in image`);
+    await this.d.images.checkNewName(name);
   }
 
   private async doImport(
@@ -139,9 +139,8 @@ export class ImageTransferService {
       }
 
       ctx.progress(92, 'computing checksums');
-      const sha256: Record<string, string> = {};
-      for (const f of files) sha256[f.file] = await sha256File(join(staging, f.file));
-      sha256.source = await sha256File(src);
+      const sha256 = await imageChecksums(staging, { files: files.map((f) => f.file) });
+      const sourceSha256 = await sha256File(src);
 
       await mkdir(finalDir, { recursive: true, mode: 0o755 });
       undo.add('remove image directory', () => rm(finalDir, { recursive: true, force: true }));
@@ -162,6 +161,7 @@ export class ImageTransferService {
         pool: pool.name,
         sourceFile: srcName,
         sourceFormat: inspected.kind === 'ova' ? 'ova' : inspected.disks[0].format,
+        sourceSha256,
         virtualSize: inspected.disks[0]!.virtualSize,
         extraDisks: files.slice(1).map((f, i) => ({ name: `disk${i + 1}`, path: join(finalDir, f.file), format: 'qcow2' })),
       };
@@ -192,7 +192,7 @@ export class ImageTransferService {
       }
       await rm(staging, { recursive: true, force: true });
       this.d.events.publish('image.imported', { name: req.name });
-      return { image: req.name, sizeBytes, sha256, ...(instance ? { instance } : {}), ...(ovf ? { ovf: details.ovf } : {}) };
+      return { image: req.name, sizeBytes, sha256, sourceSha256, ...(instance ? { instance } : {}), ...(ovf ? { ovf: details.ovf } : {}) };
     }, this.d.log);
   }
 
@@ -297,7 +297,8 @@ export class ImageTransferService {
               }
               boot = next;
             }
-            const sha256: Record<string, string> = { 'disk.qcow2': await sha256File(join(finalDir, 'disk.qcow2')) };
+            // Every file of the image, so that another host can fetch it and check what it got.
+            const sha256 = await imageChecksums(finalDir, { files: ['disk.qcow2', ...(boot.kind === 'kernel' ? [boot.kernel, boot.initrd].filter((f): f is string => !!f).map((f) => basename(f)) : [])] });
             await chmod(join(finalDir, 'disk.qcow2'), 0o444);
             const sizeBytes = (await stat(join(finalDir, 'disk.qcow2'))).size;
             const rec: ImageRecord = {
