@@ -39,6 +39,8 @@ export const ERROR_CODES = {
   HF_ERR_CHECKSUM_MISMATCH: 422,
   /** A storage pool has no room for what was asked. */
   HF_ERR_POOL_FULL: 507,
+  /** A shared storage pool this host cannot use now: its path is missing or holds other storage (the message says which). */
+  HF_ERR_POOL_UNAVAILABLE: 409,
   HF_ERR_MISSING_DEPENDENCY: 500,
   HF_ERR_DATA_DIR: 500,
   HF_ERR_HYPERVISOR: 500,

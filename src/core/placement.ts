@@ -2,9 +2,10 @@
 // they are now (a single host's own records, or the cluster's directory) and gets a decision that
 // says why, host by host, so that `info` and an error can tell the user.
 //
-// The rules, in order: a host must be online, able to run the type, large enough for the instance
-// alone and able to commit it under its overcommit policy; with `spread`, it must hold no instance
-// of the group yet. Among the hosts that fit: fewer instances of the group first (when a group is
+// The rules, in order: a host must be online, reach the storage pool that keeps the instance's
+// disks (when the caller knows which hosts do), be able to run the type, be large enough for the
+// instance alone and able to commit it under its overcommit policy; with `spread`, it must hold
+// no instance of the group yet. Among the hosts that fit: fewer instances of the group first (when a group is
 // given), then the least allocated after placing (the larger of the cpu and memory ratios to the
 // host's commit limits), then the name, so that equal hosts always give the same answer.
 import { HfError } from './errors.js';
@@ -45,6 +46,10 @@ export interface PlacementRequest {
    * working as it did before placement existed.
    */
   createStopped?: boolean;
+  /** The storage pool that keeps its disks (`storage`). */
+  storage?: string;
+  /** The hosts that can use that pool now (a shared pool's); absent: not known, every host. */
+  storageHosts?: string[];
 }
 
 export interface PlacementVerdict {
@@ -63,7 +68,7 @@ export interface PlacementDecision {
 
 /** One host judged against the request. */
 type Judged =
-  | { host: PlacementHost; fits: false; kind: 'down' | 'unsupported' | 'resources' | 'spread'; why: string; problem?: ResourceProblem }
+  | { host: PlacementHost; fits: false; kind: 'down' | 'storage' | 'unsupported' | 'resources' | 'spread'; why: string; problem?: ResourceProblem }
   | { host: PlacementHost; fits: true; why: string; ratio: number; usage: string; groupCount: number; overcommitted: boolean };
 
 const pct = (r: number): string => (Number.isFinite(r) ? `${Math.round(r * 100)}%` : 'no room');
@@ -73,6 +78,7 @@ const EPSILON = 1e-9;
 
 function judge(req: PlacementRequest, h: PlacementHost): Judged {
   if (h.state !== 'online') return { host: h, fits: false, kind: 'down', why: h.state === 'maintenance' ? 'in maintenance' : 'offline' };
+  if (req.storageHosts && !req.storageHosts.includes(h.name)) return { host: h, fits: false, kind: 'storage', why: `cannot use storage pool ${req.storage ?? '?'} (unavailable there)` };
   if (h.supports && !h.supports.includes(req.type)) return { host: h, fits: false, kind: 'unsupported', why: `cannot run ${req.type}s` };
   const r = { name: req.name, vcpus: req.vcpus, memoryMiB: req.memoryMiB };
   const capacity = { cpus: h.cpus, memoryMiB: h.memoryMiB };
@@ -131,6 +137,7 @@ export function place(req: PlacementRequest, hosts: PlacementHost[]): PlacementD
       const list = considered(undefined, [t], []);
       const msg = `${req.name}: target host "${req.target}" ${t.kind === 'down' ? 'is ' : 'cannot take it: '}${t.why}`;
       if (t.kind === 'down') throw new HfError('HF_ERR_HOST_OFFLINE', msg, { details: { target: req.target, state: t.host.state } });
+      if (t.kind === 'storage') throw new HfError('HF_ERR_POOL_UNAVAILABLE', msg, { details: { target: req.target, pool: req.storage } });
       if (t.kind === 'unsupported') throw new HfError('HF_ERR_UNSUPPORTED', msg, { details: { target: req.target, type: req.type } });
       if (t.kind === 'spread') throw new HfError('HF_ERR_CONFLICT', msg, { details: { target: req.target, group: req.group } });
       throw new HfError('HF_ERR_INSUFFICIENT_RESOURCES', msg, { details: { ...t.problem?.details, target: req.target, considered: list } });
@@ -148,6 +155,12 @@ export function place(req: PlacementRequest, hosts: PlacementHost[]): PlacementD
   if (!best) {
     const list = considered(undefined, judged, []);
     if (hosts.length === 0) throw new HfError('HF_ERR_INSUFFICIENT_RESOURCES', `${req.name}: there is no host to place it on`, { details: { considered: list } });
+    const up = judged.filter((j) => j.fits || j.kind !== 'down');
+    if (up.length > 0 && up.every((j) => !j.fits && j.kind === 'storage')) {
+      throw new HfError('HF_ERR_POOL_UNAVAILABLE', `${req.name}: no online host can use storage pool ${req.storage ?? '?'}: ${list.map((c) => `${c.host}: ${c.why}`).join('; ')}`, {
+        details: { pool: req.storage, considered: list },
+      });
+    }
     const blockedBySpread = judged.filter((j) => !j.fits && j.kind === 'spread').map((j) => j.host.name);
     if (blockedBySpread.length > 0) {
       throw new HfError(

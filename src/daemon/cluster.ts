@@ -24,8 +24,16 @@ import type { StateStore } from '../state/store.js';
 import type { Logger } from '../util/log.js';
 import type { DaemonConfig } from './config.js';
 
-/** Records that belong to one host (its pools, volumes and image files): kept under /local/<host>/ in etcd. */
+/**
+ * Records that belong to one host (its pools, volumes and image files): kept under /local/<host>/
+ * in etcd. Shared pools and their volumes (`/shared/…`) are the cluster's and pass through.
+ */
 export const LOCAL_PREFIXES = ['/storage-pools/', '/volumes/', '/images/'];
+
+/** Where a host's own record of `key` (one of LOCAL_PREFIXES) is kept in the cluster's store. */
+export function localKey(host: string, key: string): string {
+  return hostScope(host) + key;
+}
 
 export interface ClusterRuntime {
   config: ClusterConfig;

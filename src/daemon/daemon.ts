@@ -39,8 +39,10 @@ import { EtcdHealth } from '../services/cluster/etcd-health.js';
 import { ClusterMembers } from '../services/cluster/members.js';
 import { ClusterService, type JoinManifest } from '../services/cluster/service.js';
 import { networkSchema, ipReservationSchema } from '../network/model.js';
+import { poolRecordSchema } from '../storage/model.js';
+import { SHARED_POOLS_PREFIX } from '../services/storage/shared-pools.js';
 import { etcdUrls } from '../cluster/config.js';
-import { backupCluster, initCluster, joinCluster, openCluster, type ClusterRuntime } from './cluster.js';
+import { backupCluster, initCluster, joinCluster, localKey, openCluster, type ClusterRuntime } from './cluster.js';
 import { DataPaths, type DaemonConfig } from './config.js';
 import { VERSION } from './version.js';
 
@@ -137,11 +139,25 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   const oneHost = singleHostDirectory({ hostName: config.hostName, capacity: hostCapacity, overcommit: config.overcommit, instances: () => instances.list() });
   // In a cluster every member is a candidate (the cluster service knows them); alone, this host.
   let clusterHosts: (() => Promise<PlacementHost[]>) | undefined;
-  const placement = new PlacementService({ hosts: () => (clusterHosts ?? oneHost)() });
+  // An instance kept in a shared pool goes only to a host that reaches the pool.
+  const placement = new PlacementService({ hosts: () => (clusterHosts ?? oneHost)(), poolHosts: (pool) => storage.poolHosts(pool) });
 
   const storageLog = log.child({ component: 'storage' });
-  const storage = new StorageService({ store, defaultPoolPath: paths.root, instances, images, events, log: storageLog });
+  const storage = new StorageService({
+    store,
+    defaultPoolPath: paths.root,
+    instances,
+    images,
+    events,
+    log: storageLog,
+    // A shared pool's name must be free on every host: each other member's own pool of that name.
+    ...(cluster
+      ? { poolKeysElsewhere: async (name: string) => (members ? (await members.list()).filter((m) => m.name !== config.hostName).map((m) => ({ host: m.name, key: localKey(m.name, `/storage-pools/${name}`) })) : []) }
+      : {}),
+  });
   await storage.init();
+  extensions.push(storage.extension());
+  closers.push(() => storage.close());
   const transfers = new ImageTransferService({ storage, instances, images, operations, events, log: storageLog });
   const copies = new CopyService({ storage, instances, operations, drivers, events, log: storageLog });
   const snapshots = new SnapshotService({ store, instances, operations, drivers, events, log: log.child({ component: 'snapshots' }) });
@@ -198,7 +214,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
     : undefined;
   const clusterService =
     cluster && members
-      ? new ClusterService({ store, hostName: config.hostName, members, instances, etcd: cluster.membership, leaseTtl: cluster.config.leaseTtl, pkiDir: cluster.paths.pkiDir, log: log.child({ component: 'cluster' }) })
+      ? new ClusterService({ store, hostName: config.hostName, members, instances, etcd: cluster.membership, leaseTtl: cluster.config.leaseTtl, pkiDir: cluster.paths.pkiDir, pools: storage, log: log.child({ component: 'cluster' }) })
       : undefined;
   if (members) {
     await members.start();
@@ -416,10 +432,11 @@ async function loadOrCreateToken(file: string): Promise<string> {
 
 /** What a joining host brings into the cluster (checked for clashes by the member it joins through). */
 async function joinManifest(store: StateStore): Promise<JoinManifest> {
-  const [inst, nets, ips] = await Promise.all([store.list('/instances/'), store.list('/networks/'), store.list('/network-ips/')]);
+  const [inst, nets, ips, pools, shared] = await Promise.all([store.list('/instances/'), store.list('/networks/'), store.list('/network-ips/'), store.list('/storage-pools/'), store.list(SHARED_POOLS_PREFIX)]);
   return {
     instances: inst.entries.map((e) => e.key.slice('/instances/'.length)),
     networks: nets.entries.map((e) => networkSchema.parse(e.value)),
     ips: ips.entries.map((e) => ipReservationSchema.parse(e.value)),
+    pools: [...pools.entries, ...shared.entries].map((e) => poolRecordSchema.parse(e.value)).map((p) => ({ name: p.name, shared: p.shared, ...(p.id ? { id: p.id } : {}) })),
   };
 }

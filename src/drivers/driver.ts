@@ -12,6 +12,8 @@ export interface InstancePaths {
   dir: string;
   /** Bounded log of the serial console / container console output. */
   consoleLog: string;
+  /** Where new disks go when a storage pool keeps them (`storage`); absent: `dir`. */
+  disksDir?: string;
 }
 
 /** How an instance process ended, as the driver saw it. */

@@ -7,6 +7,12 @@ import type { UndoStack } from '../util/undo.js';
 
 export interface InstanceExtension {
   readonly name: string;
+  /**
+   * At create, before the driver provisions: the directory the new instance's disks go in when
+   * an area keeps them elsewhere than the instance directory (a storage pool: `storage`), made
+   * here with its removal on `undo`; undefined leaves them in the instance directory.
+   */
+  disksDir?(req: CreateInstance, undo: UndoStack): Promise<string | undefined>;
   /** At create, before the record is written: fill in or validate the config (e.g. NICs). */
   onCreate?(req: CreateInstance, inst: Instance, undo: UndoStack): Promise<Instance>;
   /** Before the driver starts the instance: prepare host resources (e.g. create taps). */

@@ -170,6 +170,10 @@ export class InstanceService {
         const image = req.image ? await this.d.images.get(req.image) : undefined;
         const config = this.buildConfig(req, image, explicitSize(body));
         const placement = placementRecord(req.group, req.spread, caller?.placementReason);
+        // Disks kept in a storage pool (`storage`) go to the directory its extension makes for them.
+        let disksDir: string | undefined;
+        for (const ext of this.extensions) if (ext.disksDir) disksDir = (await ext.disksDir(req, undo)) ?? disksDir;
+        if (req.storage !== undefined && !this.extensions.some((e) => e.disksDir)) throw new HfError('HF_ERR_UNSUPPORTED', 'storage pools are not available on this host');
         const now = new Date().toISOString();
         let inst: Instance = {
           id: randomUUID(),
@@ -178,6 +182,7 @@ export class InstanceService {
           host: this.d.hostName,
           project: 'default',
           image: req.image,
+          ...(req.storage !== undefined ? { storage: req.storage } : {}),
           description: req.description,
           config,
           pending: {},
@@ -190,7 +195,7 @@ export class InstanceService {
         };
         // The driver makes what the instance needs from its image and the request (a VM's disks, a container's root filesystem).
         if (req.disks.length > 0 && req.type !== 'vm') throw new HfError('HF_ERR_UNSUPPORTED', `${req.type}s take no disks at create: attach a storage volume instead`);
-        if (driver.provision) inst = await driver.provision(inst, image, paths, undefined, req.disks);
+        if (driver.provision) inst = await driver.provision(inst, image, disksDir ? { ...paths, disksDir } : paths, undefined, req.disks);
         for (const ext of this.extensions) if (ext.onCreate) inst = await ext.onCreate(req, inst, undo);
         if (req.nics.length > 0 && inst.config.nics.length === 0) {
           throw new HfError('HF_ERR_UNSUPPORTED', 'networking is not available on this host: cannot attach NICs');
@@ -240,6 +245,7 @@ export class InstanceService {
       group: req.group,
       spread: req.spread,
       createStopped: !req.start,
+      ...(req.storage !== undefined ? { storage: req.storage } : {}),
     };
   }
 

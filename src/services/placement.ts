@@ -1,4 +1,5 @@
-// The placement service: asks a directory of hosts how they stand now and lets the pure scheduler
+// The placement service: asks a directory of hosts how they stand now (and, for an instance kept
+// in a shared storage pool, which hosts reach the pool) and lets the pure scheduler
 // (core/placement.ts) pick one. A single daemon's directory is itself, built from its instance
 // records; a clustered daemon passes the cluster's directory instead.
 import { isActive } from '../core/lifecycle.js';
@@ -8,12 +9,19 @@ import type { HostCapacity, OvercommitPolicy } from '../core/resources.js';
 
 export type HostDirectory = () => Promise<PlacementHost[]>;
 
+export interface PlacementDeps {
+  hosts: HostDirectory;
+  /** The hosts that can use a storage pool now (a shared pool's), or undefined when not known. */
+  poolHosts?: (pool: string) => Promise<string[] | undefined>;
+}
+
 export class PlacementService {
-  constructor(private readonly d: { hosts: HostDirectory }) {}
+  constructor(private readonly d: PlacementDeps) {}
 
   /** The host for `req` and why; an HfError when none can take it (see `place`). */
   async choose(req: PlacementRequest): Promise<PlacementDecision> {
-    return place(req, await this.d.hosts());
+    const storageHosts = req.storage !== undefined && this.d.poolHosts ? await this.d.poolHosts(req.storage) : undefined;
+    return place(storageHosts ? { ...req, storageHosts } : req, await this.d.hosts());
   }
 }
 

@@ -4,6 +4,7 @@
 // instances or records. QEMU opens whatever `path` a backend hands out (a file for dir, a
 // block device for LVM/ZFS zvols, an rbd: URL for Ceph).
 import type { PoolRecord, PoolType, VolumeFormat } from './model.js';
+import type { MarkerRead, PoolMarker } from './shared.js';
 
 export interface PoolUsage {
   /** Size of the backing store (filesystem, VG, pool). */
@@ -36,6 +37,14 @@ export interface StorageBackend {
   imageDir(name: string): string;
   /** A scratch directory on the same store (a rename finishes a staged file). */
   stagingDir(): string;
+  /** The directory that holds the disks of an instance kept in this pool (`--storage POOL`). */
+  instanceDir(name: string): string;
+  /** Shared pools: what marker the storage carries as this host sees it (never creates anything). */
+  readMarker(): Promise<MarkerRead>;
+  /** Shared pools: stamps the storage with the pool's marker (the creating host). */
+  writeMarker(marker: PoolMarker): Promise<void>;
+  /** Shared pools: removes the marker (the pool is deleted; the storage stays). */
+  removeMarker(): Promise<void>;
 }
 
 export type BackendFactory = (pool: PoolRecord, deps: BackendDeps) => StorageBackend;

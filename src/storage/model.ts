@@ -21,6 +21,16 @@ export const poolRecordSchema = z.object({
   type: z.enum(POOL_TYPES),
   /** dir: the directory (absolute). Other backends: their own location (VG/thin pool, dataset…). */
   path: z.string().min(1),
+  /**
+   * Shared: storage every host of the cluster mounts at `path` (NFS, CephFS…). Its record and its
+   * volumes' records are the cluster's, not one host's; each host checks it reaches the same
+   * storage (the marker carrying `id`) and records whether it can use it.
+   */
+  shared: z.boolean().default(false),
+  /** Shared pools: the random id the creating host stamped into the storage (its marker). */
+  id: z.string().optional(),
+  /** Shared pools: the host that created it. */
+  createdBy: z.string().optional(),
   description: z.string().default(''),
   createdAt: z.string(),
 });
@@ -31,9 +41,24 @@ export const createPoolSchema = z
     name: nameSchema,
     type: z.enum(POOL_TYPES).default('dir'),
     path: z.string().min(1).refine((p) => p.startsWith('/'), { message: 'path must be absolute' }),
+    shared: z.boolean().default(false).describe('storage that every host of the cluster mounts at this path (NFS, CephFS…): one pool for all of them'),
     description: z.string().max(1024).default(''),
   })
   .strict();
+
+/** Whether one host can use a shared pool, as that host last checked (`/shared/storage-pool-hosts/<pool>/<host>`). */
+export const poolAccessSchema = z.object({
+  pool: nameSchema,
+  host: z.string(),
+  /** The pool id the check was made for (a pool re-created under the same name is checked again). */
+  poolId: z.string(),
+  available: z.boolean(),
+  /** Why not, when not available. */
+  reason: z.string().optional(),
+  /** Since when this answer holds (it is written again only when it changes). */
+  since: z.string(),
+});
+export type PoolAccess = z.infer<typeof poolAccessSchema>;
 
 export const volumeRecordSchema = z.object({
   pool: nameSchema,
@@ -127,7 +152,14 @@ export type CreateSnapshotRequest = z.output<typeof createSnapshotSchema>;
 // ---- views (what the API answers; the CLI reads these) ------------------------------------------
 
 export interface PoolView extends PoolRecord {
+  /** What the answering host sees (zeros where the pool is unavailable to it). */
   usage: PoolSummary;
+  /** Whether the answering host can use the pool now (a local pool: always). */
+  available: boolean;
+  /** Why not, when not available. */
+  reason?: string;
+  /** Shared pools: every host's last check, by host name. */
+  hosts?: PoolAccess[];
 }
 
 export interface VolumeView extends VolumeRecord {

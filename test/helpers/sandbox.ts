@@ -4,7 +4,8 @@
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { ApiClient } from '../../src/cli/client.js';
+import assert from 'node:assert/strict';
+import { ApiClient, ApiError } from '../../src/cli/client.js';
 import { ensureTestImage } from './image.js';
 
 const pexec = promisify(execFile);
@@ -95,7 +96,42 @@ export class Sandbox {
     }
   }
 
+  /**
+   * Runs a command in the mount namespace of a host's daemon (`ip netns exec` gives each host one
+   * of its own): a mount made there is seen by that host only, as a share mounted on one machine.
+   */
+  async inMounts(name: string, ...argv: string[]): Promise<string> {
+    const { stdout } = await pexec('nsenter', ['-t', String(await this.pid(name)), '-m', '--', ...argv], { timeout: 30_000 });
+    return stdout;
+  }
+
   async down(): Promise<void> {
     await this.script('down');
+  }
+}
+
+/** Asserts that `p` fails with an API error of this code (and a message matching `re`). */
+export async function rejectsCode(p: Promise<unknown>, code: string, re?: RegExp): Promise<void> {
+  await assert.rejects(p, (e: unknown) => {
+    assert.ok(e instanceof ApiError, String(e));
+    assert.equal(e.code, code, e.message);
+    if (re) assert.match(e.message, re);
+    return true;
+  });
+}
+
+/** Resolves with `fn`'s first defined answer (errors count as "not yet"); fails after `timeoutMs` naming `what`. */
+export async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v !== undefined) return v;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms${last ? ` (last error: ${(last as Error).message})` : ''}`);
+    await new Promise((r) => setTimeout(r, 200));
   }
 }

@@ -6,11 +6,10 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ApiError } from '../../src/cli/client.js';
 import type { Instance } from '../../src/core/model/instance.js';
 import type { Operation } from '../../src/core/model/operation.js';
 import { consoleRun, waitForConsole } from '../helpers/daemon.js';
-import { Sandbox } from '../helpers/sandbox.js';
+import { Sandbox, rejectsCode, until } from '../helpers/sandbox.js';
 
 const TTL = 3;
 
@@ -20,15 +19,6 @@ interface HostView {
   etcdMember: boolean;
   instances: number;
   lastHeartbeat?: string;
-}
-
-async function rejectsCode(p: Promise<unknown>, code: string, re?: RegExp): Promise<void> {
-  await assert.rejects(p, (e: unknown) => {
-    assert.ok(e instanceof ApiError, String(e));
-    assert.equal(e.code, code, e.message);
-    if (re) assert.match(e.message, re);
-    return true;
-  });
 }
 
 /** /proc says the process lives (not a zombie). */
@@ -43,21 +33,6 @@ function alive(pid: number): boolean {
 /** The pid of a host's etcd member (its supervisor's pid file). */
 function etcdPid(dataDir: string): number {
   return Number(readFileSync(join(dataDir, 'cluster', 'etcd.pid'), 'utf8').trim());
-}
-
-async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined) return v;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms${last ? ` (last error: ${(last as Error).message})` : ''}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
 }
 
 describe('a three-host cluster', () => {

@@ -16,6 +16,7 @@ import { EtcdHealth, spaceLevel } from '../../src/services/cluster/etcd-health.j
 import { memberEndpoints } from '../../src/daemon/cluster.js';
 import { EventBus } from '../../src/services/events.js';
 import { ClusterService, type JoinRequest } from '../../src/services/cluster/service.js';
+import { StorageService } from '../../src/services/storage/index.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { silentLogger } from '../../src/util/log.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
@@ -37,6 +38,7 @@ describe('cluster service', () => {
   let w: TestWorld;
   let members: ClusterMembers;
   let svc: ClusterService;
+  let storage: StorageService;
   let etcdCalls: string[];
 
   before(async () => {
@@ -68,11 +70,14 @@ describe('cluster service', () => {
     });
     await members.start();
     etcdCalls = [];
+    storage = new StorageService({ store, defaultPoolPath: w.dir, instances: w.svc, images: w.images, events: w.events, log: silentLogger });
+    await storage.init();
     svc = new ClusterService({
       store,
       hostName: 'h1',
       members,
       instances: w.svc,
+      pools: storage,
       leaseTtl: 5,
       pkiDir: join(dir, 'h1pki'),
       log: silentLogger,
@@ -87,7 +92,7 @@ describe('cluster service', () => {
     });
   });
 
-  const joinReq = (token: string, name = 'h2', manifest: JoinRequest['manifest'] = { instances: [], networks: [], ips: [] }): JoinRequest => ({
+  const joinReq = (token: string, name = 'h2', manifest: JoinRequest['manifest'] = { instances: [], networks: [], ips: [], pools: [] }): JoinRequest => ({
     token,
     csrPem: csr,
     member: { name, address: `10.0.0.${name.slice(1)}`, clusterPort: 8444, cpus: 2, memoryMiB: 2048, overcommit: { cpu: 1, memory: 1 }, version: 't' },
@@ -164,6 +169,7 @@ describe('cluster service', () => {
         { network: 'default', ip: '10.9.0.6', mac: 'o', instance: 'db1', nic: 'eth1' },
         { network: 'lab', ip: '10.7.0.5', mac: 'p', instance: 'db1', nic: 'eth2' },
       ],
+      pools: [],
     };
     const { token } = await svc.createToken(600);
     await assert.rejects(svc.admit(joinReq(token, 'h2', manifest)), (e: unknown) => {
@@ -174,7 +180,24 @@ describe('cluster service', () => {
     });
     // The refused join used nothing up: without the clashes, the same token admits the host (its
     // own `lab`, used by no NIC, gives way to the cluster's).
-    assert.equal((await svc.admit(joinReq(token, 'h2', { instances: ['db1'], networks: manifest.networks, ips: [manifest.ips[1]!] }))).clusterId, 'c-1');
+    assert.equal((await svc.admit(joinReq(token, 'h2', { instances: ['db1'], networks: manifest.networks, ips: [manifest.ips[1]!], pools: [] }))).clusterId, 'c-1');
+  });
+
+  it('refuses a joining host whose own pool has the name of a shared pool; one of the same storage merges', async () => {
+    await storage.createPool({ name: 'nfs1', path: join(w.dir, 'share'), shared: true });
+    const id = (await storage.getPool('nfs1')).id;
+    const { token } = await svc.createToken(600);
+    await assert.rejects(svc.admit(joinReq(token, 'h2', { instances: [], networks: [], ips: [], pools: [{ name: 'default', shared: false }, { name: 'nfs1', shared: false }] })), (e: unknown) => {
+      assert.ok(isHfError(e, 'HF_ERR_NAME_CLASH'));
+      assert.match(e.message, /pool nfs1 \(the cluster has a shared pool nfs1/);
+      assert.deepEqual((e.details as { clashes: { kind: string; name: string }[] }).clashes.map((c) => `${c.kind} ${c.name}`), ['pool nfs1']);
+      return true;
+    });
+    assert.equal((await svc.admit(joinReq(token, 'h2', { instances: [], networks: [], ips: [], pools: [{ name: 'default', shared: false }, { name: 'nfs1', shared: true, id }] }))).clusterId, 'c-1');
+    // A removed host's answers about the shared pools go with it.
+    await w.store.put('/shared/storage-pool-hosts/nfs1/h2', { pool: 'nfs1', host: 'h2', poolId: id, available: true, since: 'x' });
+    await svc.remove('h2');
+    assert.deepEqual((await storage.getPool('nfs1')).hosts?.map((h) => h.host), ['h1']);
   });
 
   it('refuses to remove a host that holds instances unless forced, and removes its etcd member', async () => {

@@ -14,7 +14,7 @@ import { parseInput } from '../../src/core/validate.js';
 import type { ApiClient } from '../../src/cli/client.js';
 import { placementLine, registerInstanceCommands } from '../../src/cli/commands/instances.js';
 import type { CliContext } from '../../src/cli/context.js';
-import { singleHostDirectory } from '../../src/services/placement.js';
+import { PlacementService, singleHostDirectory } from '../../src/services/placement.js';
 import { SqliteStateStore } from '../../src/state/sqlite-store.js';
 import { FakeDriver } from '../helpers/fake-driver.js';
 import { buildWorld, type TestWorld } from '../helpers/world.js';
@@ -266,6 +266,37 @@ describe('place: target', () => {
 
   it('spread onto a host that holds the group: HF_ERR_CONFLICT naming the group', () => {
     assert.throws(() => place(req({ target: 'b', group: 'web', spread: true }), hosts), code('HF_ERR_CONFLICT', /already holds 4 instances of group "web" \(spread\)/));
+  });
+});
+
+describe('place: an instance kept in a shared storage pool', () => {
+  const hosts = [host('a'), host('b', { committed: { vcpus: 4, memoryMiB: 4096 } }), host('c', { state: 'offline' })];
+  const pooled = (o: Partial<PlacementRequest> = {}) => req({ storage: 'nfs1', storageHosts: ['b', 'c'], ...o });
+
+  it('goes only to a host that reaches the pool, even when another is emptier', () => {
+    const d = place(pooled(), hosts);
+    assert.equal(d.host, 'b');
+    assert.deepEqual(verdicts(d), ['b:chosen', 'a:skipped', 'c:skipped']);
+    assert.equal(d.considered.find((c) => c.host === 'a')?.why, 'cannot use storage pool nfs1 (unavailable there)');
+    assert.equal(place(req({ storage: 'nfs1' }), hosts).host, 'a', 'hosts not known: every host');
+  });
+
+  it('a target that does not reach it, or no online host that does: HF_ERR_POOL_UNAVAILABLE', () => {
+    assert.throws(() => place(pooled({ target: 'a' }), hosts), code('HF_ERR_POOL_UNAVAILABLE', /target host "a" cannot take it: cannot use storage pool nfs1/));
+    const e = errorOf(() => place(pooled({ storageHosts: ['c'] }), hosts));
+    assert.equal(e.code, 'HF_ERR_POOL_UNAVAILABLE');
+    assert.match(e.message, /no online host can use storage pool nfs1: a: cannot use storage pool nfs1.*c: offline/);
+    // A host that reaches the pool but is too small is a resources problem, not a storage one.
+    assert.throws(() => place(pooled({ vcpus: 6 }), hosts), code('HF_ERR_INSUFFICIENT_RESOURCES'));
+  });
+
+  it('the service asks which hosts reach the pool', async () => {
+    const asked: string[] = [];
+    const svc = new PlacementService({ hosts: async () => hosts, poolHosts: async (p) => (asked.push(p), p === 'nfs1' ? ['b'] : undefined) });
+    assert.equal((await svc.choose(req({ storage: 'nfs1' }))).host, 'b');
+    assert.equal((await svc.choose(req({ storage: 'fast' }))).host, 'a');
+    assert.equal((await svc.choose(req())).host, 'a');
+    assert.deepEqual(asked, ['nfs1', 'fast']);
   });
 });
 

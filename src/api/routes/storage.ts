@@ -28,7 +28,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
   t.add({
     method: 'GET',
     url: '/api/v1/storage/pools',
-    summary: 'List storage pools with capacity, used and free bytes',
+    summary: "List storage pools (this host's and the cluster's shared ones) with capacity, used and free bytes and, for shared pools, every host's availability",
     tag: 'storage',
     responses: { 200: '{ pools }' },
     handler: async () => ({ pools: await storage.listPools() }),
@@ -36,7 +36,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
   t.add({
     method: 'POST',
     url: '/api/v1/storage/pools',
-    summary: 'Create a storage pool (type dir: a directory on the host)',
+    summary: 'Create a storage pool (type dir: a directory on the host; `shared`: storage every host of the cluster mounts at that path, one pool for all)',
     tag: 'storage',
     body: createPoolSchema,
     responses: { 201: '{ pool }' },
@@ -49,7 +49,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
   t.add<unknown, unknown, { pool: string }>({
     method: 'GET',
     url: '/api/v1/storage/pools/:pool',
-    summary: 'Show a storage pool',
+    summary: 'Show a storage pool (a shared one with each host’s availability)',
     tag: 'storage',
     params: pool,
     responses: { 200: '{ pool }' },
@@ -58,7 +58,7 @@ export function registerStorageRoutes(t: RouteTable, svc: ApiServices): void {
   t.add<unknown, unknown, { pool: string }>({
     method: 'DELETE',
     url: '/api/v1/storage/pools/:pool',
-    summary: 'Delete an empty storage pool (its directory stays)',
+    summary: 'Delete an empty storage pool (its directory stays); refused while an instance on any host keeps disks in it',
     tag: 'storage',
     params: pool,
     responses: { 200: '{ deleted }' },

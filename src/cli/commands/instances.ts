@@ -18,6 +18,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
       .option('--memory <size>', 'memory, e.g. 256M or 1G')
       .option('--max-memory <size>', 'memory ceiling for hot-plug')
       .option('--disk <name=size>', 'add a blank disk (repeatable), e.g. data=1G', (v: string, acc: string[]) => [...acc, v], [])
+      .option('--storage <pool>', 'VMs: keep the disks (root and --disk) in this storage pool (a shared pool: on storage every host reaches)')
       .addOption(new Option('--accel <accel>', 'accelerator').choices(['auto', 'kvm', 'tcg']))
       .addOption(new Option('--devices <model>', 'device model: virtio (paravirtual) or emulated (e1000, IDE)').choices(['virtio', 'emulated']))
       .addOption(new Option('--restart-policy <policy>', 'what happens when it stops by itself').choices(['never', 'on-failure', 'always']))
@@ -43,6 +44,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
     memory?: string;
     maxMemory?: string;
     disk: string[];
+    storage?: string;
     accel?: string;
     devices?: string;
     restartPolicy?: string;
@@ -78,6 +80,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
     if (o.restartPolicy) body.restartPolicy = o.restartPolicy;
     if (o.autostart) body.autostart = true;
     if (o.description) body.description = o.description;
+    if (o.storage !== undefined) body.storage = o.storage;
     if (o.target !== undefined) body.target = o.target;
     if (o.group !== undefined) body.group = o.group;
     if (o.spread) body.spread = true;
@@ -168,6 +171,7 @@ export function registerInstanceCommands(ctx: CliContext): void {
           `Host:           ${i.host}`,
           ...(i.placement ? [`Placement:      ${placementLine(i.placement)}`] : []),
           `Image:          ${i.image ?? '-'}`,
+          ...(i.storage ? [`Storage:        pool ${i.storage}`] : []),
           `vCPUs:          ${c.vcpus}${c.maxVcpus ? ` (max ${c.maxVcpus})` : ''}`,
           `Memory:         ${formatMiB(c.memoryMiB)}${c.maxMemoryMiB ? ` (max ${formatMiB(c.maxMemoryMiB)})` : ''}`,
           `Accelerator:    ${c.accel}`,

@@ -17,6 +17,15 @@ function splitRef(ref: string): [string, string] {
 
 const enc = encodeURIComponent;
 
+/** Where a pool can be used: a host's own pool here; a shared one on the hosts that reach it. */
+function availability(p: PoolView): string {
+  if (!p.shared) return 'yes';
+  const hosts = p.hosts ?? [];
+  const up = hosts.filter((h) => h.available).map((h) => h.host);
+  const down = hosts.filter((h) => !h.available).map((h) => h.host);
+  return [up.length ? up.join(',') : 'no host', ...(down.length ? [`(not ${down.join(',')})`] : [])].join(' ');
+}
+
 export function registerStorageCommands(ctx: CliContext): void {
   const api = () => ctx.client();
 
@@ -31,8 +40,8 @@ export function registerStorageCommands(ctx: CliContext): void {
       const { pools } = await api().request<{ pools: PoolView[] }>('GET', '/api/v1/storage/pools');
       ctx.print(pools, o.format, () =>
         table(
-          ['NAME', 'TYPE', 'PATH', 'SIZE', 'USED', 'FREE', 'VOLUMES', 'ALLOCATED'],
-          pools.map((p) => [p.name, p.type, p.path, formatBytes(p.usage.totalBytes), formatBytes(p.usage.usedBytes), formatBytes(p.usage.freeBytes), String(p.usage.volumes), formatBytes(p.usage.allocatedBytes)]),
+          ['NAME', 'TYPE', 'PATH', 'SIZE', 'USED', 'FREE', 'VOLUMES', 'ALLOCATED', 'SCOPE', 'AVAILABLE'],
+          pools.map((p) => [p.name, p.type, p.path, formatBytes(p.usage.totalBytes), formatBytes(p.usage.usedBytes), formatBytes(p.usage.freeBytes), String(p.usage.volumes), formatBytes(p.usage.allocatedBytes), p.shared ? 'shared' : 'host', availability(p)]),
         ),
       );
     });
@@ -45,7 +54,10 @@ export function registerStorageCommands(ctx: CliContext): void {
         [
           `Name:         ${p.name}`,
           `Type:         ${p.type}`,
+          `Scope:        ${p.shared ? `shared by the cluster's hosts (id ${p.id ?? '?'}, made by ${p.createdBy ?? '?'})` : 'this host'}`,
           `Path:         ${p.path}`,
+          `Available:    ${p.available ? 'yes' : `no: ${p.reason ?? 'unknown'}`}`,
+          ...(p.hosts ? ['Hosts:', ...p.hosts.map((h) => `  ${h.host.padEnd(12)}${h.available ? 'available' : `unavailable: ${h.reason ?? 'unknown'}`} (since ${h.since})`)] : []),
           `Capacity:     ${formatBytes(p.usage.totalBytes)}`,
           `Used:         ${formatBytes(p.usage.usedBytes)}`,
           `Free:         ${formatBytes(p.usage.freeBytes)}`,
@@ -56,15 +68,17 @@ export function registerStorageCommands(ctx: CliContext): void {
     });
   storage
     .command('create <name>')
-    .description('create a pool, e.g. `storage create fast --type dir --path /srv/fast`')
+    .description('create a pool, e.g. `storage create fast --type dir --path /srv/fast`, or `storage create nfs1 --path /mnt/nfs1 --shared`')
     .addOption(new Option('--type <type>', 'pool type').choices(['dir']).default('dir'))
     .requiredOption('--path <path>', 'directory (created if missing)')
+    .option('--shared', 'storage every host of the cluster mounts at this path (NFS, CephFS…): one pool for all hosts')
     .option('--description <text>')
-    .action(async (name: string, o: { type: string; path: string; description?: string }) => {
+    .action(async (name: string, o: { type: string; path: string; shared?: boolean; description?: string }) => {
       const body: Record<string, unknown> = { name, type: o.type, path: resolve(o.path) };
+      if (o.shared) body.shared = true;
       if (o.description) body.description = o.description;
       const { pool: p } = await api().request<{ pool: PoolView }>('POST', '/api/v1/storage/pools', body);
-      console.log(`pool ${p.name} created (${p.type} ${p.path}, ${formatBytes(p.usage.freeBytes)} free)`);
+      console.log(`${p.shared ? 'shared ' : ''}pool ${p.name} created (${p.type} ${p.path}, ${formatBytes(p.usage.freeBytes)} free)`);
     });
   storage
     .command('delete <name>')

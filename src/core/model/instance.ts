@@ -92,6 +92,7 @@ export const createInstanceSchema = z
     memory: memorySchema.default('256M'),
     maxMemory: memorySchema.optional(),
     disks: z.array(diskConfigSchema.partial({ path: true, format: true, media: true, readonly: true }).extend({ size: z.string().optional() })).default([]),
+    storage: nameSchema.optional().describe('VMs: the storage pool that keeps its disks (the root disk and new blank disks); default: its instance directory'),
     nics: z
       .array(
         z.object({
@@ -194,6 +195,8 @@ export const instanceSchema = z.object({
   host: z.string(),
   project: z.string().default('default'),
   image: z.string().optional(),
+  /** The storage pool that keeps its disks (absent: its instance directory on its host). */
+  storage: z.string().optional(),
   description: z.string().default(''),
   config: instanceConfigSchema,
   /** Changes stored now that apply at the next start. */

@@ -1,6 +1,7 @@
 // A VM's disks at create: a linked clone (qcow2 overlay) of the image's disk as `root`, a blank
 // disk for every requested size, and a check that every requested existing file is there. The
-// files go in the instance directory, which the service removes if the create fails.
+// files go in the instance directory, or the pool directory the service made for them
+// (`paths.disksDir`); the service removes it if the create fails.
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HfError } from '../../core/errors.js';
@@ -14,8 +15,9 @@ import type { DiskRequest, InstancePaths } from '../driver.js';
 /** Builds the VM's disks and returns the instance with them in its config (root first). */
 export async function provisionVmDisks(instance: Instance, image: ImageRecord | undefined, paths: InstancePaths, requested: DiskRequest[], qemuImg: QemuImg): Promise<Instance> {
   const disks: DiskConfig[] = [];
+  const dir = paths.disksDir ?? paths.dir;
   if (image?.disk) {
-    const root = join(paths.dir, 'root.qcow2');
+    const root = join(dir, 'root.qcow2');
     await createLinkedClone(root, image.disk.path, image.disk.format, qemuImg);
     disks.push({ name: 'root', path: root, format: 'qcow2', media: 'disk', readonly: false });
   }
@@ -24,7 +26,7 @@ export async function provisionVmDisks(instance: Instance, image: ImageRecord | 
     const format = d.format ?? 'qcow2';
     let path = d.path ?? '';
     if (d.size !== undefined) {
-      path = join(paths.dir, `${d.name}.${format}`);
+      path = join(dir, `${d.name}.${format}`);
       await qemuImg.createBlank(path, parseSize(d.size, `disk ${d.name} size`), format);
     } else {
       try {

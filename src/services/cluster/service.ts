@@ -1,7 +1,8 @@
 // The cluster as the API sees it: its members (members.ts), join tokens, admitting a host (the
-// member side of a join), removing one, and where a request about an instance or an operation has
-// to go (the API forwards it there); and the other hosts' images for the image service (their
-// records in their areas of the store, their files from their cluster listeners). Keys: `/cluster/info`, `/cluster/pki/ca`,
+// member side of a join: its instances, networks, addresses and storage pools must fit), removing
+// one, and where a request about an instance or an operation has to go (the API forwards it
+// there); and the other hosts' images for the image service (their records in their areas of the
+// store, their files from their cluster listeners). Keys: `/cluster/info`, `/cluster/pki/ca`,
 // `/cluster/members/<host>`, `/cluster/alive/<host>` (leased), `/cluster/tokens/<id>` (leased),
 // `/cluster/tokens-used/<id>` (leased).
 import { readFile } from 'node:fs/promises';
@@ -35,6 +36,8 @@ export const joinManifestSchema = z.object({
   instances: z.array(z.string()).default([]),
   networks: z.array(networkSchema).default([]),
   ips: z.array(ipReservationSchema).default([]),
+  /** Its storage pools: its own stay its own, unless a name is the cluster's shared pool's; its shared ones join the cluster's. */
+  pools: z.array(z.object({ name: z.string(), shared: z.boolean().default(false), id: z.string().optional() })).default([]),
 });
 export type JoinManifest = z.infer<typeof joinManifestSchema>;
 
@@ -74,9 +77,15 @@ export interface EtcdMembership {
 
 /** The reason a clash refuses a join, one line per record. */
 export interface Clash {
-  kind: 'instance' | 'network' | 'address';
+  kind: 'instance' | 'network' | 'address' | 'pool';
   name: string;
   why: string;
+}
+
+/** What the cluster needs from the storage pools (the storage service): a joining host's pools, a removed host's traces. */
+export interface ClusterPools {
+  joinClashes(pools: JoinManifest['pools']): Promise<Array<{ name: string; why: string }>>;
+  forgetHost(host: string): Promise<void>;
 }
 
 export const MAX_ETCD_MEMBERS = 3;
@@ -90,6 +99,8 @@ export interface ClusterServiceOptions {
   leaseTtl: number;
   /** This host's PKI directory (ca.crt, host.crt, host.key). */
   pkiDir: string;
+  /** The storage pools (absent where storage is not wired: no pool clashes then). */
+  pools?: ClusterPools;
   log: Logger;
 }
 
@@ -236,6 +247,7 @@ export class ClusterService {
       const e = await this.o.store.get<IpReservation>(`/network-ips/${r.network}@${r.ip}`);
       if (e && (e.value as IpReservation).instance !== r.instance) out.push({ kind: 'address', name: `${r.network} ${r.ip}`, why: `held by ${(e.value as IpReservation).instance} in the cluster and by ${r.instance} here` });
     }
+    for (const c of (await this.o.pools?.joinClashes(m.pools)) ?? []) out.push({ kind: 'pool', ...c });
     return out;
   }
 
@@ -252,6 +264,7 @@ export class ClusterService {
     if (m.etcd && this.o.etcd.managed) await this.o.etcd.removeMember(name);
     await this.o.store.delete(`/cluster/members/${name}`);
     await this.o.store.delete(`/cluster/alive/${name}`);
+    await this.o.pools?.forgetHost(name);
     this.o.log.info('host removed', { host: name, force: !!opts.force, instances: held.length });
   }
 

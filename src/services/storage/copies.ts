@@ -132,10 +132,13 @@ export class CopyService {
       if (c.maxVcpus !== undefined) body.maxVcpus = c.maxVcpus;
       if (c.maxMemoryMiB !== undefined) body.maxMemory = c.maxMemoryMiB;
       if (c.nics.length) body.nics = c.nics.map((n) => ({ network: n.network }));
+      // A VM kept in a storage pool is copied into the same pool.
+      if (src.storage) body.storage = src.storage;
       await this.d.instances.create(body, { undo, ctx });
 
       const result = await this.d.instances.withInstance(dst, 'copy', async () => {
-        const dir = this.d.instances.paths(dst).dir;
+        const dir = await this.d.storage.disksDir({ name: dst, storage: src.storage });
+        const dirPool = src.storage ?? DEFAULT_POOL;
         const disks: DiskConfig[] = [];
         const writable = c.disks.filter((x) => x.media === 'disk' && !x.readonly);
         const kinds: Record<string, string> = {};
@@ -155,14 +158,15 @@ export class CopyService {
             const pool = await this.d.storage.pool(v.pool);
             const b = this.d.storage.backend(pool);
             const volName = uniqueName(`${dst}-${disk.name}`);
-            if (await this.d.storage.volumes(v.pool).get(volName)) throw new HfError('HF_ERR_ALREADY_EXISTS', `volume ${v.pool}/${volName} already exists`);
+            await this.d.storage.usable(pool);
+            if (await this.d.storage.volumes(pool).get(volName)) throw new HfError('HF_ERR_ALREADY_EXISTS', `volume ${v.pool}/${volName} already exists`);
             const est = await this.qemuImg.measure(v.path, v.format, v.format);
             checkRoom(pool.name, `copy of volume ${disk.volume}`, est.required, (await b.usage()).freeBytes);
             const path = b.volumePath(volName, v.format);
             undo.add('remove copied volume', () => rm(path, { force: true }));
             await this.qemuImg.convert(v.path, path, { outFormat: v.format, srcFormat: v.format, onProgress: progress });
-            await this.d.storage.volumes(v.pool).create(volName, { ...v, name: volName, path, description: `copy of ${disk.volume}`, createdAt: new Date().toISOString() });
-            undo.add('unregister copied volume', () => this.d.storage.volumes(v.pool).delete(volName).then(() => undefined));
+            await this.d.storage.volumes(pool).create(volName, { ...v, name: volName, path, description: `copy of ${disk.volume}`, createdAt: new Date().toISOString() });
+            undo.add('unregister copied volume', () => this.d.storage.volumes(pool).delete(volName).then(() => undefined));
             disks.push({ ...disk, path, volume: `${v.pool}/${volName}` });
             kinds[disk.name] = `volume ${v.pool}/${volName}`;
           } else {
@@ -171,7 +175,7 @@ export class CopyService {
             const out = join(dir, basename(disk.path));
             const est = await this.qemuImg.measure(disk.path, disk.format, disk.format);
             const fs = await statfs(dir);
-            checkRoom(DEFAULT_POOL, `copy of ${src.name}/${disk.name}`, linked && backingPath ? Math.min(est.required, (await stat(disk.path)).size) : est.required, fs.bavail * fs.bsize);
+            checkRoom(dirPool, `copy of ${src.name}/${disk.name}`, linked && backingPath ? Math.min(est.required, (await stat(disk.path)).size) : est.required, fs.bavail * fs.bsize);
             if (linked && backingPath) {
               const bfmt = (await this.qemuImg.info(backingPath)).format === 'raw' ? 'raw' : 'qcow2';
               // Only what differs from the image is written: the copy is a delta on the same image.

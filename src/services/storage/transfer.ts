@@ -57,6 +57,8 @@ export class ImageTransferService {
     }
     await this.checkNewImageName(req.name);
     const pool = await this.d.storage.pool(req.pool);
+    // An image record is this host's (images live per host): its files belong in a pool of its own.
+    if (pool.shared) throw new HfError('HF_ERR_UNSUPPORTED', `pool ${pool.name} is shared, and images live per host for now: import into a pool of this host (e.g. default)`);
     if (req.instance && (await this.d.instances.list()).some((i) => i.name === req.instance)) {
       throw new HfError('HF_ERR_ALREADY_EXISTS', `instance "${req.instance}" already exists`);
     }

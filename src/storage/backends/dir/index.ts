@@ -1,12 +1,15 @@
-// The `dir` backend: a directory on any local filesystem. Volumes are files
-// (`<path>/volumes/<name>.<format>`), images are directories (`<path>/images/<name>/`), and
-// staging happens in `<path>/.staging/` so finishing is a rename on the same filesystem.
+// The `dir` backend: a directory on any local filesystem, or on a share every host mounts
+// (a shared pool). Volumes are files (`<path>/volumes/<name>.<format>`), images are directories
+// (`<path>/images/<name>/`), the disks of instances kept in the pool are in
+// `<path>/instances/<name>/`, and staging happens in `<path>/.staging/` so finishing is a rename
+// on the same filesystem. A shared pool's marker is `<path>/.hyperfold-pool`.
 // Thin provisioning comes from the filesystem (sparse raw files) and qcow2.
-import { access, constants, mkdir, rm, stat, statfs } from 'node:fs/promises';
+import { access, constants, mkdir, readFile, rename, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HfError } from '../../../core/errors.js';
 import type { BackendDeps, PoolUsage, StorageBackend } from '../../backend.js';
 import type { PoolRecord, VolumeFormat } from '../../model.js';
+import { POOL_MARKER_FILE, poolMarkerSchema, type MarkerRead, type PoolMarker } from '../../shared.js';
 
 export class DirBackend implements StorageBackend {
   readonly type = 'dir' as const;
@@ -73,5 +76,47 @@ export class DirBackend implements StorageBackend {
 
   stagingDir(): string {
     return join(this.pool.path, '.staging');
+  }
+
+  instanceDir(name: string): string {
+    return join(this.pool.path, 'instances', name);
+  }
+
+  async readMarker(): Promise<MarkerRead> {
+    try {
+      if (!(await stat(this.pool.path)).isDirectory()) return { kind: 'error', message: 'not a directory' };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { kind: 'missing' };
+      return { kind: 'error', message: (e as Error).message };
+    }
+    let text: string;
+    try {
+      text = await readFile(join(this.pool.path, POOL_MARKER_FILE), 'utf8');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { kind: 'none' };
+      return { kind: 'error', message: `cannot read the pool marker: ${(e as Error).message}` };
+    }
+    try {
+      return { kind: 'marker', marker: poolMarkerSchema.parse(JSON.parse(text)) };
+    } catch {
+      return { kind: 'error', message: `the pool marker ${POOL_MARKER_FILE} is not readable (damaged?)` };
+    }
+  }
+
+  async writeMarker(marker: PoolMarker): Promise<void> {
+    // Whole or not at all: another host may read it at any moment.
+    const file = join(this.pool.path, POOL_MARKER_FILE);
+    const tmp = `${file}.${process.pid}.tmp`;
+    try {
+      await writeFile(tmp, JSON.stringify(marker) + '\n', { mode: 0o644 });
+      await rename(tmp, file);
+    } catch (e) {
+      await rm(tmp, { force: true });
+      throw new HfError('HF_ERR_VALIDATION', `pool ${this.pool.name}: cannot write the pool marker in ${this.pool.path}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  async removeMarker(): Promise<void> {
+    await rm(join(this.pool.path, POOL_MARKER_FILE), { force: true });
   }
 }
