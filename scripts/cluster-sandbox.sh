@@ -28,6 +28,8 @@ CLI=("$(command -v node)" "$ROOT/bin/hyperfold.js")
 die() { echo "cluster-sandbox: $*" >&2; exit 1; }
 ns() { echo "$P-$1"; }
 hosts() { [ -d "$BASE" ] && find "$BASE" -mindepth 1 -maxdepth 1 -type d -name 'h*' -printf '%f\n' | sort -V || true; }
+# Hosts of this prefix that have a namespace, with or without a directory (a run that failed half-way).
+ns_hosts() { { hosts; ip netns list 2>/dev/null | awk '{print $1}' | sed -n "s/^$P-\(h[0-9]*\)$/\1/p"; } | sort -uV; }
 cli() { local h="$1"; shift; "${CLI[@]}" --data-dir "$BASE/$h" "$@"; }
 
 start_daemon() {
@@ -108,7 +110,7 @@ down() {
     pid=$(cat "$BASE/$h/daemon.pid" 2>/dev/null || true)
     alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
   done
-  for h in $(hosts); do
+  for h in $(ns_hosts); do
     # Everything left in the host's namespace: guests, dnsmasq, etcd.
     if ip netns list | grep -qw "$(ns "$h")"; then
       for p in $(ip netns pids "$(ns "$h")" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
@@ -117,7 +119,7 @@ down() {
       for c in $(runc --root "$BASE/$h/runc" list -q 2>/dev/null); do runc --root "$BASE/$h/runc" delete -f "$c" >/dev/null 2>&1 || true; done
     fi
   done
-  for h in $(hosts); do
+  for h in $(ns_hosts); do
     ip netns del "$(ns "$h")" 2>/dev/null || true
     ip link del "$P-$h" 2>/dev/null || true
   done

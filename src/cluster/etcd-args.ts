@@ -140,6 +140,8 @@ export function etcdArgs(o: EtcdMemberConfig): string[] {
     `--heartbeat-interval=${heartbeat}`,
     `--election-timeout=${election}`,
     `--quota-backend-bytes=${o.quotaBackendBytes ?? ETCD_DEFAULTS.quotaBackendBytes}`,
+    // Clients ping every 2 s to find a member cut off by the network (etcd's default refuses pings under 5 s).
+    '--grpc-keepalive-min-time=1s',
     `--auto-compaction-mode=${compaction.mode}`,
     `--auto-compaction-retention=${compaction.mode === 'revision' ? compaction.retain : compaction.retention}`,
     `--snapshot-count=${o.snapshotCount ?? ETCD_DEFAULTS.snapshotCount}`,

@@ -485,41 +485,55 @@ export async function listMembers(client: Etcd3): Promise<EtcdMemberInfo[]> {
  * an empty name, as `etcdctl member add` writes them: etcd wants every member listed.
  *
  * etcd refuses a new voting member ("unhealthy cluster") until its leader has been connected to
- * every member for 5 s, so right after a join the next one waits: retried up to `timeoutMs`. (After
- * a few refusals the client's circuit breaker holds calls back for 5 s: retried the same way.)
+ * every member for 5 s, so right after a join the next one waits: transient refusals are retried
+ * up to `timeoutMs`.
  */
 export async function addMember(client: Etcd3, name: string, peerUrl: string, timeoutMs = 60_000): Promise<{ id: string; initialCluster: string }> {
-  const members = await listMembers(client);
-  if (members.some((m) => m.name === name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `the etcd cluster already has a member named ${name}`);
   const deadline = Date.now() + timeoutMs;
-  let res: IMemberAddResponse;
-  for (let delay = 250; ; delay = Math.min(delay * 2, 2000)) {
-    try {
-      res = await client.cluster.memberAdd({ peerURLs: [peerUrl] });
-      break;
-    } catch (e) {
-      if (!/unhealthy cluster|circuit breaker is open/.test((e as Error).message)) throw e;
-      if (Date.now() + delay > deadline) {
-        throw new HfError('HF_ERR_CLUSTER_UNAVAILABLE', `etcd refuses to add ${name}: its cluster is not healthy (a member is down or not connected to the leader for ${Math.round(timeoutMs / 1000)} s)`, { cause: e });
-      }
-      await new Promise((r) => setTimeout(r, delay));
-    }
-  }
+  const members = await transientRetried(() => listMembers(client), deadline, () => `cannot list the etcd members to add ${name}`);
+  if (members.some((m) => m.name === name)) throw new HfError('HF_ERR_ALREADY_EXISTS', `the etcd cluster already has a member named ${name}`);
+  const res: IMemberAddResponse = await transientRetried(
+    () => client.cluster.memberAdd({ peerURLs: [peerUrl] }),
+    deadline,
+    () => `etcd refuses to add ${name}: its cluster is not healthy (a member is down or not connected to the leader for ${Math.round(timeoutMs / 1000)} s)`,
+  );
   const id = res.member.ID;
   const all = res.members.map((m) => ({ name: m.ID === id ? name : m.name, peerUrls: m.peerURLs }));
   return { id: hexId(id), initialCluster: formatInitialCluster(all) };
 }
 
+/**
+ * What passes in a moment around a membership change: etcd refusing a new member until its
+ * leader has been connected to every member for 5 s ("unhealthy cluster"), no leader while a
+ * member just added has not started yet, a member that refused a connection a moment ago (the
+ * store's client skips it for a second), the client's circuit breaker.
+ */
+const TRANSIENT = /unhealthy cluster|circuit breaker is open|failed a moment ago|no leader|UNAVAILABLE|ECONNREFUSED/i;
+
+/** Runs `fn` again after a transient refusal (backing off up to 2 s) until `deadline`; then HF_ERR_CLUSTER_UNAVAILABLE with `why`. */
+async function transientRetried<T>(fn: () => Promise<T>, deadline: number, why: () => string): Promise<T> {
+  for (let delay = 250; ; delay = Math.min(delay * 2, 2000)) {
+    try {
+      return await fn();
+    } catch (e) {
+      if (!TRANSIENT.test((e as Error).message)) throw e;
+      if (Date.now() + delay > deadline) throw new HfError('HF_ERR_CLUSTER_UNAVAILABLE', `${why()}: ${(e as Error).message}`, { cause: e });
+      await new Promise((r) => setTimeout(r, delay));
+    }
+  }
+}
+
 /** Removes a member by name or id (hex as listMembers gives it, or decimal). */
-export async function removeMember(client: Etcd3, nameOrId: string): Promise<void> {
-  const members = await listMembers(client);
+export async function removeMember(client: Etcd3, nameOrId: string, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const members = await transientRetried(() => listMembers(client), deadline, () => `cannot list the etcd members to remove ${nameOrId}`);
   const want = nameOrId.toLowerCase();
   const m =
     members.find((x) => x.name === nameOrId) ??
     members.find((x) => x.id === want.padStart(16, '0')) ??
     members.find((x) => /^\d+$/.test(nameOrId) && x.id === hexId(nameOrId));
   if (!m) throw new HfError('HF_ERR_HOST_NOT_FOUND', `no etcd member named or numbered ${nameOrId} (members: ${members.map((x) => x.name || x.id).join(', ')})`);
-  await client.cluster.memberRemove({ ID: BigInt(`0x${m.id}`).toString() });
+  await transientRetried(() => client.cluster.memberRemove({ ID: BigInt(`0x${m.id}`).toString() }), deadline, () => `etcd refuses to remove ${nameOrId}`);
 }
 
 /**

@@ -54,20 +54,31 @@ export interface ClusterRuntime {
   close(): Promise<void>;
 }
 
-/** What a member record says of its etcd member. */
+/** What a member record says of its etcd member, and (for a running daemon's updates) whether the host is online. */
 export interface MemberEtcd {
   etcd?: { clientUrl: string };
+  online?: boolean;
 }
 
 /**
- * The client URLs to reach etcd through: those `known` plus every member's; with `exact`, only the
- * members' (a removed member's URL goes). undefined when that changes nothing (or would leave none).
+ * The client URLs to reach etcd through. At a start: those `known` plus every member's. While
+ * running (`running`): a member's URL is added once the member is online (its daemon opens the
+ * store only after its etcd member started: before that, calls sent there would fail), and a URL
+ * goes when no member record names it any more (the host was removed). undefined when that
+ * changes nothing (or would leave none).
  */
-export function memberEndpoints(known: string[], members: MemberEtcd[], exact = false): string[] | undefined {
-  const theirs = members.map((m) => m.etcd?.clientUrl).filter((u): u is string => !!u);
-  const all = exact ? [...new Set(theirs)] : [...new Set([...known, ...theirs])];
+export function memberEndpoints(known: string[], members: MemberEtcd[], running = false): string[] | undefined {
+  const theirs = new Set(members.map((m) => m.etcd?.clientUrl).filter((u): u is string => !!u));
+  const all = running
+    ? [...new Set([...known.filter((u) => theirs.has(u)), ...members.filter((m) => m.online && m.etcd).map((m) => m.etcd!.clientUrl)])]
+    : [...new Set([...known, ...theirs])];
   if (!all.length) return undefined;
   return all.length === known.length && all.every((u) => known.includes(u)) ? undefined : all;
+}
+
+/** The members Hyperfold runs take pings every second (etcd-args.ts): a member cut off is found within ~3 s. */
+function keepalive(config: ClusterConfig): { keepaliveMs?: number } {
+  return config.etcd.managed ? { keepaliveMs: 2_000 } : {};
 }
 
 /** etcd's own default backend quota, for an etcd the user runs. */
@@ -119,14 +130,14 @@ export async function openCluster(dataDir: string, hostName: string, log: Logger
   let etcdStore: EtcdStateStore;
   try {
     const tls = await clientTls(paths, config);
-    etcdStore = await EtcdStateStore.open({ endpoints: config.etcd.endpoints, tls, prefix: ETCD_PREFIX });
+    etcdStore = await EtcdStateStore.open({ endpoints: config.etcd.endpoints, tls, prefix: ETCD_PREFIX, ...keepalive(config) });
     // Members that joined since this host last started run etcd members too: reach all of them,
     // so that losing any one (this host's own included) leaves the store reachable.
     if (config.etcd.managed) {
       const all = memberEndpoints(config.etcd.endpoints, (await etcdStore.list<MemberEtcd>('/cluster/members/')).entries.map((e) => e.value));
       if (all) {
         await etcdStore.close();
-        etcdStore = await EtcdStateStore.open({ endpoints: all, tls, prefix: ETCD_PREFIX });
+        etcdStore = await EtcdStateStore.open({ endpoints: all, tls, prefix: ETCD_PREFIX, ...keepalive(config) });
         config = { ...config, etcd: { ...config.etcd, endpoints: all } };
         await writeClusterConfig(paths, config);
       }

@@ -218,15 +218,24 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
       : undefined;
   if (members) {
     await members.start();
-    // Members come and go: the network overlays follow, and so does the list of etcd members reached.
+    // Members come and go: the network overlays follow, and so does the list of etcd members reached
+    // (on a change, and now and then: a change can arrive before the heartbeat cache shows it).
     let refreshing = Promise.resolve();
+    const refreshEndpoints = (): void => {
+      refreshing = refreshing
+        .then(async () => cluster?.refreshEndpoints(await Promise.all((await members.list()).map(async (m) => ({ ...m, online: await members.isOnline(m.name) })))))
+        .catch((e: unknown) => log.warn('cannot update the etcd endpoints', { error: (e as Error).message }));
+    };
     const stopWatching = members.onChange(() => {
       for (const cb of clusterChangeListeners) cb();
-      refreshing = refreshing
-        .then(async () => cluster?.refreshEndpoints(await members.list()))
-        .catch((e: unknown) => log.warn('cannot update the etcd endpoints', { error: (e as Error).message }));
+      refreshEndpoints();
     });
-    closers.push(async () => stopWatching());
+    const endpointTimer = setInterval(refreshEndpoints, 5_000);
+    endpointTimer.unref();
+    closers.push(async () => {
+      stopWatching();
+      clearInterval(endpointTimer);
+    });
   }
   if (clusterService) {
     clusterHosts = () => clusterService.placementHosts();
@@ -279,7 +288,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
           cluster: info,
           address: cluster.config.address,
           etcd: {
-            endpoints: cluster.config.etcd.endpoints,
+            endpoints: cluster.etcdStore.urls,
             managed: cluster.config.etcd.managed,
             member: cluster.config.etcd.member,
             // The database against its quota, as of the last check (level ok / warning / critical).

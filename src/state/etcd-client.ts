@@ -78,7 +78,13 @@ export function checkEndpoints(endpoints: string[], tls: boolean): string[] {
   });
 }
 
-export function makeClient(endpoints: string[], tls: EtcdTls | undefined): Etcd3 {
+/**
+ * `keepaliveMs`: how often an open connection is pinged, and how long an answer may take, before
+ * gRPC calls it dead (a member cut off by the network: calls and watch streams on it would hang
+ * until then). etcd refuses pings more often than its --grpc-keepalive-min-time (5 s by default;
+ * the members Hyperfold runs allow 1 s), so the default suits any etcd.
+ */
+export function makeClient(endpoints: string[], tls: EtcdTls | undefined, keepaliveMs = 10_000): Etcd3 {
   const alone = endpoints.length === 1;
   return new Etcd3({
     hosts: endpoints,
@@ -91,9 +97,9 @@ export function makeClient(endpoints: string[], tls: EtcdTls | undefined): Etcd3
       // Reconnect within a second of a member coming back, not after gRPC's default of up to 2 min.
       'grpc.initial_reconnect_backoff_ms': 200,
       'grpc.max_reconnect_backoff_ms': 1_000,
-      // Notice a dead peer on an idle watch stream (etcd refuses pings more often than every 5 s).
-      'grpc.keepalive_time_ms': 10_000,
-      'grpc.keepalive_timeout_ms': 5_000,
+      // Notice a dead peer, also on an idle watch stream.
+      'grpc.keepalive_time_ms': keepaliveMs,
+      'grpc.keepalive_timeout_ms': Math.max(1_000, Math.round(keepaliveMs / 2)),
       'grpc.keepalive_permit_without_calls': 1,
     },
     faultHandling: {

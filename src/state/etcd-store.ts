@@ -41,6 +41,8 @@ export interface EtcdStoreOptions {
   callTimeoutMs?: number;
   /** How often a probe checks that etcd answers (default 1,000 ms; 0: no probe). */
   probeIntervalMs?: number;
+  /** Ping period that finds a dead connection (default 10,000 ms; see makeClient). */
+  keepaliveMs?: number;
   /** Called when a watch callback throws (or its promise rejects). Default: a JSON line on stderr. */
   onWatcherError?: (err: unknown, ev: WatchEvent) => void;
 }
@@ -85,6 +87,7 @@ export class EtcdStateStore implements StateStore {
   private etcd: Etcd3;
   private endpoints: string[];
   private readonly tls: EtcdTls | undefined;
+  private readonly keepaliveMs: number | undefined;
   /** Clients replaced by setEndpoints(), closed after RETIRE_MS (or with the store). */
   private readonly retired = new Map<Etcd3, NodeJS.Timeout>();
   /** The namespace as a key prefix ('' when none). */
@@ -107,7 +110,7 @@ export class EtcdStateStore implements StateStore {
     if (typeof prefix !== 'string' || (prefix !== '' && !prefix.startsWith('/'))) {
       throw new HfError('HF_ERR_VALIDATION', `etcd store prefix ${JSON.stringify(prefix)} must be empty or start with '/'`);
     }
-    const store = new EtcdStateStore(makeClient(endpoints, opts.tls), endpoints, prefix.replace(/\/+$/, ''), opts);
+    const store = new EtcdStateStore(makeClient(endpoints, opts.tls, opts.keepaliveMs), endpoints, prefix.replace(/\/+$/, ''), opts);
     try {
       await store.revisionWithin(opts.dialTimeoutMs ?? 5_000);
     } catch (e) {
@@ -122,6 +125,7 @@ export class EtcdStateStore implements StateStore {
     this.etcd = etcd;
     this.endpoints = endpoints;
     this.tls = opts.tls;
+    this.keepaliveMs = opts.keepaliveMs;
     this.ns = ns;
     this.callTimeoutMs = opts.callTimeoutMs ?? 2_500;
     this.onWatcherError =
@@ -148,7 +152,7 @@ export class EtcdStateStore implements StateStore {
     const endpoints = checkEndpoints(urls, this.tls !== undefined);
     if (endpoints.length === this.endpoints.length && endpoints.every((u) => this.endpoints.includes(u))) return;
     const old = this.etcd;
-    this.etcd = makeClient(endpoints, this.tls);
+    this.etcd = makeClient(endpoints, this.tls, this.keepaliveMs);
     this.endpoints = endpoints;
     const timer = setTimeout(() => {
       this.retired.delete(old);

@@ -2,6 +2,7 @@
 // namespace with its own daemon, joined into one cluster) under a prefix and data directory of
 // the test file's own, with an API client per host.
 import { execFile } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import assert from 'node:assert/strict';
@@ -32,11 +33,19 @@ export class Sandbox {
   static async up(n: number, opts: { prefix: string; net: string; ttl: number }): Promise<Sandbox> {
     const dir = `/dev/shm/hf-${opts.prefix}-${process.pid}`;
     const env = { ...process.env, HYPERFOLD_SANDBOX_DIR: dir, HYPERFOLD_SANDBOX_PREFIX: opts.prefix, HYPERFOLD_SANDBOX_NET: opts.net, HYPERFOLD_SANDBOX_IMAGE: await ensureTestImage() };
+    // Sandboxes left by earlier runs of this file (killed, or failed half-way) go first.
+    for (const old of readdirSync('/dev/shm').filter((d) => d.startsWith(`hf-${opts.prefix}-`))) {
+      const pid = Number(old.slice(`hf-${opts.prefix}-`.length));
+      if (pid !== process.pid && !existsSync(`/proc/${pid}`)) await new Sandbox({ ...env, HYPERFOLD_SANDBOX_DIR: `/dev/shm/${old}` }, `/dev/shm/${old}`).script('down').catch(() => undefined);
+    }
     const sb = new Sandbox(env, dir);
-    // A sandbox left by a killed run of this file goes first.
     await sb.script('down').catch(() => undefined);
-    const out = await sb.script('up', String(n), '--ttl', String(opts.ttl));
-    await sb.parse(out);
+    try {
+      await sb.parse(await sb.script('up', String(n), '--ttl', String(opts.ttl)));
+    } catch (e) {
+      await sb.script('down').catch(() => undefined);
+      throw e;
+    }
     return sb;
   }
 

@@ -269,11 +269,14 @@ describe('etcd space alert', () => {
   });
 
   it('memberEndpoints: the etcd members to reach, from the member records', () => {
-    const m = (u?: string) => (u ? { etcd: { clientUrl: u } } : {});
-    // Joined members are added to what was known; nothing new → undefined (no change).
-    assert.deepEqual(memberEndpoints(['https://a:2379'], [m('https://a:2379'), m('https://b:2379'), m()]), ['https://a:2379', 'https://b:2379']);
+    const m = (u?: string, online = true) => (u ? { etcd: { clientUrl: u }, online } : { online });
+    // At a start: every member's URL joins what was known; nothing new → undefined (no change).
+    assert.deepEqual(memberEndpoints(['https://a:2379'], [m('https://a:2379'), m('https://b:2379', false), m()]), ['https://a:2379', 'https://b:2379']);
     assert.equal(memberEndpoints(['https://a:2379', 'https://b:2379'], [m('https://b:2379'), m('https://a:2379')]), undefined);
-    // exact: a removed member's URL goes, but never down to none.
+    // Running: a new member's URL once it is online; a removed member's URL goes; an offline member's stays; never none.
+    assert.equal(memberEndpoints(['https://a:2379'], [m('https://a:2379'), m('https://b:2379', false)], true), undefined);
+    assert.deepEqual(memberEndpoints(['https://a:2379'], [m('https://a:2379'), m('https://b:2379')], true), ['https://a:2379', 'https://b:2379']);
+    assert.equal(memberEndpoints(['https://a:2379', 'https://b:2379'], [m('https://a:2379'), m('https://b:2379', false)], true), undefined);
     assert.deepEqual(memberEndpoints(['https://a:2379', 'https://b:2379'], [m('https://a:2379')], true), ['https://a:2379']);
     assert.equal(memberEndpoints(['https://a:2379'], [m()], true), undefined);
   });
