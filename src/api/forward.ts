@@ -271,6 +271,8 @@ export class Forwarder {
       new Promise((resolve, reject) => {
         const up = https.request({ agent: t.agent, hostname: t.hostname, port: t.port, method: req.method, path, headers });
         up.once('socket', (s) => {
+          // (The agent's noDelay option does not reach a TLS socket everywhere: set it here.)
+          s.setNoDelay(true);
           if (up.reusedSocket) return;
           const timer = setTimeout(() => up.destroy(new Error(`no connection within ${CONNECT_TIMEOUT_MS / 1000} s`)), CONNECT_TIMEOUT_MS);
           s.once('secureConnect', () => clearTimeout(timer));

@@ -101,6 +101,9 @@ export async function buildApp(svc: ApiServices, opts: ApiOptions): Promise<Fast
     forceCloseConnections: true,
   }) as unknown as FastifyInstance;
   await app.register(websocket);
+  // Answers leave at once: with Nagle's algorithm a reply written in two pieces waits for the
+  // client's delayed ACK (tens of ms on every forwarded call between hosts).
+  app.server.on(tls ? 'secureConnection' : 'connection', (socket: { setNoDelay(v: boolean): void }) => socket.setNoDelay(true));
   const table = buildRouteTable(svc, opts.version);
   const peerOnly = new Set(table.routes.filter((r) => r.peerOnly).map((r) => r.url));
 
