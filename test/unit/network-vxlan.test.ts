@@ -289,6 +289,32 @@ describe('NetworkOverlay (SQLite store, fake host plumbing)', () => {
       assert.deepEqual(plumbing.fdb.get(dev), [{ dst: '192.0.2.2' }, { mac: M.b, dst: '192.0.2.2' }]);
       assert.deepEqual(plumbing.neigh.get('hfb-span'), [{ ip: '10.40.0.3', mac: M.b }]);
 
+      // A change of b that leaves its host alone asks for no resync (each reads every record); a
+      // move to another host does.
+      let resyncs = 0;
+      const links = plumbing.links.bind(plumbing);
+      plumbing.links = async () => {
+        resyncs++;
+        return links();
+      };
+      const seen = new Promise<void>((resolve) => {
+        const w = store.watch('/instances/b', () => {
+          w.cancel();
+          resolve();
+        });
+      });
+      await store.put('/instances/b', { name: 'b', host: 'h2', description: 'only this changed' });
+      await seen; // delivered to every watcher of the store, the overlay's too
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(resyncs, 0, 'a description change makes no resync');
+      await store.put('/instances/zz-marker', { name: 'zz-marker', host: 'h2' });
+      await plumbing.until(() => resyncs >= 1, 'the resync a new instance asks for');
+      await store.put('/instances/b', { name: 'b', host: 'h1' });
+      await plumbing.until(() => (plumbing.fdb.get(dev) ?? []).length === 1, 'b moved here: its MAC no longer points at h2');
+      await store.put('/instances/b', { name: 'b', host: 'h2' });
+      await store.delete('/instances/zz-marker');
+      await plumbing.until(() => (plumbing.fdb.get(dev) ?? []).length === 2, 'b back on h2');
+
       // h2 goes offline: no entry points at it any more.
       peers = [{ host: 'h1', address: '192.0.2.1' }];
       for (const cb of peerListeners) cb();

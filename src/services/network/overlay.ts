@@ -157,6 +157,8 @@ export class NetworkOverlay {
   private running: Promise<void> | undefined;
   private queued: Promise<void> | undefined;
   private rewatchTimer: NodeJS.Timeout | undefined;
+  /** Each instance's host as the last resync read it. */
+  private hostOf = new Map<string, string>();
 
   constructor(private readonly d: NetworkOverlayDeps) {
     this.localHost = d.localHost;
@@ -189,7 +191,15 @@ export class NetworkOverlay {
     this.watches.get(prefix)?.cancel();
     this.watches.set(
       prefix,
-      this.d.store.watch(prefix, () => void this.kick(), {
+      this.d.store.watch(prefix, (ev) => {
+        // Of an instance the overlay uses only its host: a change of anything else (most changes:
+        // state, description, resources) asks for no resync, which would read every record.
+        if (prefix === '/instances/' && ev.type === 'put') {
+          const known = this.hostOf.get(ev.key.slice(prefix.length));
+          if (known !== undefined && known === instanceHostSchema.safeParse(ev.value).data?.host) return;
+        }
+        void this.kick();
+      }, {
         onError: (f) => {
           this.d.log.warn('overlay: store watch ended, watching again', { prefix, reason: f.kind });
           this.watches.delete(prefix);
@@ -255,6 +265,7 @@ export class NetworkOverlay {
       });
     const networks = parsed(nets.entries, networkSchema);
     const hostOf = new Map(parsed(insts.entries, instanceHostSchema).map((i) => [i.name, i.host]));
+    this.hostOf = hostOf;
     const plans = planOverlay({
       networks,
       macs: parsed(macs.entries, macReservationSchema),
