@@ -244,7 +244,7 @@ export async function startDaemon(config: DaemonConfig, opts: StartOptions = {})
   }
   // The etcd space alert (cluster.etcd-space events, a log line) where this host watches a database.
   const etcdHealth = cluster?.etcdSpace
-    ? new EtcdHealth({ host: config.hostName, events, log: log.child({ component: 'etcd' }), space: cluster.etcdSpace, intervalMs: Number(process.env.HYPERFOLD_ETCD_HEALTH_MS ?? 60_000) })
+    ? new EtcdHealth({ host: config.hostName, events, log: log.child({ component: 'etcd' }), space: cluster.etcdSpace, intervalMs: Number(env.HYPERFOLD_ETCD_HEALTH_MS ?? 60_000) })
     : undefined;
   if (etcdHealth) {
     etcdHealth.start();

@@ -433,7 +433,7 @@ export class ImageService {
     await this.records.delete(name);
     await rm(this.dir(name), { recursive: true, force: true });
     // Images kept in another storage pool name the directory they own.
-    await rm(this.filesDir(rec), { recursive: true, force: true });
+    if (this.filesDir(rec) !== this.dir(name)) await rm(this.filesDir(rec), { recursive: true, force: true });
   }
 
   private async adopt(name: string): Promise<ImageRecord | undefined> {

@@ -149,7 +149,11 @@ export class InstanceService {
    * (a clustered daemon forwards such a request before it gets here).
    */
   async create(body: unknown, caller?: CreateCaller): Promise<Instance> {
-    const req = parseInput(createInstanceSchema, body);
+    return this.createParsed(parseInput(createInstanceSchema, body), body, caller);
+  }
+
+  /** create() of a request already parsed (`body` as the caller sent it: which sizes it gave). */
+  private async createParsed(req: CreateInstance, body: unknown, caller?: CreateCaller): Promise<Instance> {
     const driver = await this.checkCreate(req);
 
     return this.locks.run(req.name, 'create', () =>
@@ -301,7 +305,7 @@ export class InstanceService {
     const start = typeof body === 'object' && body !== null && (body as { start?: unknown }).start === true;
     const req = parseInput(createInstanceSchema, body);
     if (!req.image || !(await this.d.images.needsFetch(req.image))) {
-      const inst = await this.create(body, { placementReason: opts.placementReason });
+      const inst = await this.createParsed(req, body, { placementReason: opts.placementReason });
       if (!start) return { instance: inst };
       const operation = await this.action(inst.name, 'start');
       return { instance: inst, operation };
@@ -316,7 +320,7 @@ export class InstanceService {
         // A cancel while the image came stops here; once the create begins it goes to the end.
         ctx.signal.throwIfAborted();
         ctx.progress(90, `creating ${req.name}`);
-        const inst = await this.create(body, { placementReason: opts.placementReason });
+        const inst = await this.createParsed(req, body, { placementReason: opts.placementReason });
         if (!start) return { instance: inst.name, state: inst.state };
         ctx.progress(95, `starting ${req.name}`);
         await this.locked(inst.name, 'start', ctx, () => this.runAction(inst.name, 'start', {}, ctx));
